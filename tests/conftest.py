@@ -37,9 +37,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs a GPU: {GPU_MISSING}"))
 
 
-@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+@pytest.fixture(scope="session", params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
 def xp(request):
-    """The array library the test body runs on: NumPy always, CuPy where there is a GPU."""
+    """The array library the test body runs on: NumPy always, CuPy where there is a GPU.
+    Session-scoped: it is a stateless module, so hypothesis may reuse it across examples."""
     if request.param == "numpy":
         return np
     import cupy
