@@ -179,18 +179,28 @@ def all_kernel_specs() -> List[KernelSpec]:
     return list(dict.fromkeys(specs))
 
 
-def compile_gate(archs: Iterable[str] = ("sm_80", "sm_90a"), verbose: bool = True) -> int:
-    """Compile every instantiation for every arch; return the number of failures or spills."""
+def compile_gate(archs: Iterable[str] = ("sm_80", "sm_90a"), jobs: int = 0) -> int:
+    """Compile every instantiation for every arch in `jobs` processes (0 = one per CPU), print
+    one line each, and return the number that failed or used local memory."""
+    from concurrent.futures import ProcessPoolExecutor
+    work = [(spec, arch) for spec in all_kernel_specs() for arch in archs
+            if not (spec.hopper_only and arch != "sm_90a")]
     bad = 0
-    for spec in all_kernel_specs():
-        for arch in archs:
-            if spec.hopper_only and arch != "sm_90a":
-                continue
-            report = compile_offline(spec, arch)
-            if verbose:
-                print(report.line(), flush=True)
+    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
+        for report in pool.map(_compile_one, work):
+            print(report.line(), flush=True)
             if not report.ok or report.spills:
                 bad += 1
-                if verbose and not report.ok:
-                    print(report.log)
+                if not report.ok:
+                    print(report.log, flush=True)
+    print(f"{len(work)} instantiations compiled, {bad} failed or spilled", flush=True)
     return bad
+
+
+def _compile_one(job):
+    return compile_offline(*job)
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(1 if compile_gate() else 0)
