@@ -57,8 +57,13 @@ def reference_attention(q, k, v, *, causal=False, scale=None, mask=None):
     return np.einsum("...ij,...jd->...id", probs, v), lse
 
 
-def reference_backward(dout, q, k, v, *, causal=False, scale=None, mask=None):
-    """(dq, dk, dv) in float64, each summed back to its input's shape."""
+def reference_backward(dout, q, k, v, *, causal=False, scale=None, mask=None, magnitudes=False):
+    """(dq, dk, dv) in float64, each summed back to its input's shape.
+
+    With magnitudes=True, also the same sums taken over absolute values of every term: the size
+    of what a finite-precision backward adds up. Gradients that cancel to (near) zero are judged
+    relative to it, since rounding errors scale with the terms, not with their sum.
+    """
     q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
     q, k, v, scores, visible, scale, group = _expand(q, k, v, mask, causal, scale)
     probs, _ = _softmax(scores, visible)
@@ -69,10 +74,24 @@ def reference_backward(dout, q, k, v, *, causal=False, scale=None, mask=None):
     dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdims=True))
     dq = np.einsum("...ij,...jd->...id", dscores, k) * scale
     dk = np.einsum("...ij,...id->...jd", dscores, q) * scale
+    grads = _reduce(group, (dq, dk, dv), (q_shape, k_shape, v_shape))
+    if not magnitudes:
+        return grads
+    abs_dprobs = np.einsum("...id,...jd->...ij", np.abs(dout), np.abs(v))
+    abs_dscores = probs * (abs_dprobs + (abs_dprobs * probs).sum(-1, keepdims=True))
+    mags = (np.einsum("...ij,...jd->...id", abs_dscores, np.abs(k)) * scale,
+            np.einsum("...ij,...id->...jd", abs_dscores, np.abs(q)) * scale,
+            np.einsum("...ij,...id->...jd", probs, np.abs(dout)))
+    return grads, _reduce(group, mags, (q_shape, k_shape, v_shape))
+
+
+def _reduce(group, grads, shapes):
+    """Sum the repeated heads of a group, then broadcast batch axes, back to the input shapes."""
+    dq, dk, dv = grads
     if group > 1:
         dk = dk.reshape(dk.shape[:-3] + (-1, group) + dk.shape[-2:]).sum(-3)
         dv = dv.reshape(dv.shape[:-3] + (-1, group) + dv.shape[-2:]).sum(-3)
-    return _sum_to(dq, q_shape), _sum_to(dk, k_shape), _sum_to(dv, v_shape)
+    return tuple(_sum_to(g, s) for g, s in zip((dq, dk, dv), shapes))
 
 
 def _sum_to(grad, shape):
@@ -83,16 +102,17 @@ def _sum_to(grad, shape):
     return grad.sum(axis=axes, keepdims=True) if axes else grad
 
 
-def rel_error(actual, expected):
-    """||actual - expected|| / ||expected|| over finite reference entries; exact match needed
-    where the reference is 0 everywhere. NaN in actual where the reference is finite gives inf."""
+def rel_error(actual, expected, magnitude=None):
+    """||actual - expected|| / ||expected|| over finite reference entries (or / ||magnitude||, the
+    size of the summed terms, when given); an exact match is needed where the denominator is 0.
+    NaN in actual where the reference is finite gives inf."""
     a, e = as_float64(actual), as_float64(expected)
     assert a.shape == e.shape, (a.shape, e.shape)
     finite = np.isfinite(e)
     if not np.array_equal(np.isfinite(a), finite) or not np.array_equal(a[~finite], e[~finite]):
         return np.inf
     diff = np.linalg.norm((a - e)[finite])
-    norm = np.linalg.norm(e[finite])
+    norm = np.linalg.norm((e if magnitude is None else as_float64(magnitude))[finite])
     if norm == 0:
         return 0.0 if diff == 0 else np.inf
     return diff / norm

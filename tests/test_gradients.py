@@ -20,22 +20,25 @@ def gradients(backend, inputs, case, dout_seed=0):
     return dout, grads
 
 
-def check_gradients(xp, backend, case, bounds=None):
-    """bounds: None for the dtype's own tolerance, else a function (name, ref) -> allowed error."""
+def gradient_errors(xp, backend, case):
+    """{"q": error of dq, ...}: each gradient's error against the float64 reference, relative to
+    the size of the terms it sums (so gradients that cancel to ~0 are judged fairly)."""
     inputs = make_inputs(xp, case)
     dout, grads = gradients(backend, inputs, case, case.seed)
-    refs = reference_backward(dout, inputs["q"], inputs["k"], inputs["v"], **case.kwargs(inputs))
-    for name, grad, ref, x in zip("qkv", grads, refs, (inputs["q"], inputs["k"], inputs["v"])):
-        assert grad.shape == x.shape and grad.dtype == x.dtype, name
-        # gradients pass through a float32 recomputation and a product of rounded factors:
-        # allow a few roundings of the dtype (all within the same order as the forward)
-        allowed = 4 * tolerance(case.dtype) if bounds is None else bounds(name, grad, ref)
-        assert rel_error(grad, ref) <= allowed, f"d{name}"
+    refs, mags = reference_backward(dout, inputs["q"], inputs["k"], inputs["v"], **case.kwargs(inputs),
+                                    magnitudes=True)
+    errors = {}
+    for name, grad, ref, mag in zip("qkv", grads, refs, mags):
+        assert grad.shape == inputs[name].shape and grad.dtype == inputs[name].dtype, name
+        errors[name] = rel_error(grad, ref, magnitude=mag)
+    return errors
 
 
 @given(case=cases(max_len=64, max_dim=64))
 def test_gradients_match_float64_reference(xp, case):
-    check_gradients(xp, "eager", case)
+    # one rounding to the dtype (eps/2 of the terms' size) dominates; float32 sums add far less
+    errors = gradient_errors(xp, "eager", case)
+    assert max(errors.values()) <= tolerance(case.dtype), errors
 
 
 @pytest.mark.parametrize("causal,mask", [(False, None), (True, None), (False, "bias"), (True, "bool_empty_rows")])
