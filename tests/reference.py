@@ -111,7 +111,7 @@ def rel_error(actual, expected, magnitude=None):
     finite = np.isfinite(e)
     if not np.array_equal(np.isfinite(a), finite) or not np.array_equal(a[~finite], e[~finite]):
         return np.inf
-    diff = np.linalg.norm((a - e)[finite])
+    diff = np.linalg.norm(a[finite] - e[finite])
     norm = np.linalg.norm((e if magnitude is None else as_float64(magnitude))[finite])
     if norm == 0:
         return 0.0 if diff == 0 else np.inf
