@@ -84,24 +84,34 @@ def _module(source: str, names: Tuple[str, ...], options: Tuple[str, ...]):
     return cupy.RawModule(code=read_source(source), options=options, name_expressions=names)
 
 
-_shared_limit_set = set()
-
-
 def get_function(spec: KernelSpec, device=None, extra_options: Tuple[str, ...] = ()):
     """The compiled kernel for `spec` on `device` (default: the current CuPy device)."""
     import cupy
     device = device or cupy.cuda.Device()
-    major, minor = map(int, device.compute_capability)
+    return _function(spec, device.id, tuple(extra_options))
+
+
+@functools.lru_cache(maxsize=None)
+def _function(spec: KernelSpec, device_id: int, extra_options: Tuple[str, ...]):
+    # One Function object per (kernel, device, options): the shared-memory limit set on it below
+    # must stay with the object that launches (a fresh object per call would lose it).
+    import cupy
+    major, minor = map(int, cupy.cuda.Device(device_id).compute_capability)
     options = compile_options(arch_for(major, minor, spec.hopper_only), extra_options)
     return _module(spec.source, (spec.name,), options).get_function(spec.name)
 
 
+_dynamic_shared_limit = {}   # id(function) -> (function, bytes allowed); holding the function keeps ids unique
+
+
 def set_dynamic_shared_memory(function, nbytes: int) -> None:
     """Kernels using more than 48 KB of dynamic shared memory must raise their limit first."""
-    key = id(function)
-    if nbytes > 48 * 1024 and key not in _shared_limit_set:
+    if nbytes <= 48 * 1024:
+        return
+    known = _dynamic_shared_limit.get(id(function))
+    if known is None or known[1] < nbytes:
         function.max_dynamic_shared_size_bytes = nbytes
-        _shared_limit_set.add(key)
+        _dynamic_shared_limit[id(function)] = (function, nbytes)
 
 
 # ---------------------------------------------------------------------------------------------
