@@ -1,4 +1,8 @@
-"""The flash backend: tiled CUDA kernels with online softmax on tensor cores (kernels_cu/flash_fwd.cu).
+"""The flash backend: tiled CUDA kernels with online softmax on tensor cores.
+
+Forward: on sm_90 GPUs the Hopper kernel (kernels_cu/flash_fwd_sm90.cu, wgmma + TMA, see
+_flash_sm90.py) runs whatever it supports; everything else runs the sm80 kernel below
+(kernels_cu/flash_fwd.cu, mma.sync). Backward: kernels_cu/flash_bwd.cu (see _flash_bwd.py).
 
 One kernel template, instantiated per dtype x padded head dim x mask kind; causal, GQA packing,
 split-KV and the batch strides are runtime arguments. Inputs are read in place through their
@@ -13,6 +17,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from . import _flash_bwd, _flash_sm90
 from ._kernels import KernelSpec
 from ._problem import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, Problem, dtype_name
 from ._registry import Backend
@@ -30,6 +35,13 @@ _INT32_LIMIT = 2**31 - 1 - 4096
 # Tests switch this on: out and lse are filled with NaN before every launch, so an element the
 # kernel fails to write shows up.
 POISON_OUTPUTS = False
+
+# False keeps the Hopper kernel out (tests use it to cover the sm80 kernel on an H100 too).
+HOPPER_KERNEL = True
+
+# Backward computes dQ with float32 atomics by default (fastest; dK and dV are bitwise
+# reproducible, dQ only up to summation order). True: a separate dQ pass, same bits every run.
+DETERMINISTIC_BACKWARD = False
 
 
 def config(width: int) -> Tuple[int, int, int]:
@@ -179,7 +191,14 @@ class FlashBackend(Backend):
                 for kind in _MASK_KINDS:
                     specs.append(forward_spec(dtype, width, kind))
             specs.append(merge_spec(dtype))
-        return specs
+        return specs + _flash_sm90.kernel_specs() + _flash_bwd.kernel_specs()
+
+    @staticmethod
+    def hopper_reasons(problem) -> List[str]:
+        """Why the Hopper (wgmma + TMA) forward kernel does not run this problem (empty = it does)."""
+        if not HOPPER_KERNEL:
+            return ["switched off (cupyattn._flash.HOPPER_KERNEL = False)"]
+        return _flash_sm90.supports(problem)
 
     def forward_reasons(self, problem):
         why = []
@@ -213,11 +232,22 @@ class FlashBackend(Backend):
         return why
 
     def backward_reasons(self, problem):
-        return ["flash backward not built yet (issue 5)"]
+        return _flash_bwd.backward_reasons(problem)
+
+    def backward(self, problem, dout, out, lse):
+        return _flash_bwd.flash_backward(problem, dout, out, lse, deterministic=DETERMINISTIC_BACKWARD)
 
     def notes(self, problem):
         if problem.library != "cupy":
             return []
+        hopper_why = self.hopper_reasons(problem)
+        if not hopper_why:
+            return [f"Hopper kernel {_flash_sm90.kernel_name(problem.dtype, problem.head_dim, _flash_sm90.OVERLAP)} "
+                    f"(wgmma + TMA, warp-specialised)"] + _flash_bwd.backward_notes(problem)
+        out = ["sm80 kernel (mma.sync) because the Hopper kernel cannot run: " + "; ".join(hopper_why)]
+        return out + self._sm80_notes(problem) + _flash_bwd.backward_notes(problem)
+
+    def _sm80_notes(self, problem):
         plan = _plan(problem, _sms_or_none(problem))
         spec = forward_spec(problem.dtype, plan.width, problem.mask_kind)
         out = [f"kernel {spec.name}"]
@@ -238,6 +268,12 @@ class FlashBackend(Backend):
         return out
 
     def forward(self, problem, want_lse):
+        if not self.hopper_reasons(problem):
+            return _flash_sm90.forward(problem)
+        return self.forward_sm80(problem)
+
+    def forward_sm80(self, problem):
+        """The mma.sync kernel (any sm_80+ GPU); tests call it directly to cover it on Hopper too."""
         import cupy
         from ._kernels import get_function, set_dynamic_shared_memory
 

@@ -1,4 +1,5 @@
-"""The flash backend (kernels_cu/flash_fwd.cu) against the float64 reference, on the GPU.
+"""The flash backend's forward against the float64 reference, on the GPU: the sm80 kernel
+(kernels_cu/flash_fwd.cu) on its own and the backend as dispatched (Hopper kernel where it applies).
 
 Every GPU test forces backend="flash" (a fallback cannot pass for it) and turns on
 `_flash.POISON_OUTPUTS`, so out and lse are NaN before each launch and an element the kernel does
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given
 
 import cupyattn
-from cupyattn import _flash
+from cupyattn import _flash, _flash_sm90
 from helpers import allowed_error
 from reference import as_float64, reference_attention, rel_error
 from strategies import HALF_DTYPES, BFLOAT16, Case, cases, lse_tolerance, make_inputs
@@ -31,8 +32,9 @@ def test_explain_numpy_gives_flash_reason():
 def test_kernel_specs_listed():
     specs = _flash.FlashBackend().kernel_specs()
     assert specs
-    assert len(specs) == len(set(specs)) <= 60
-    assert all(s.source == "flash_fwd.cu" for s in specs)
+    assert len(specs) == len(set(specs))
+    assert {s.source for s in specs} == {"flash_fwd.cu", "flash_fwd_sm90.cu", "flash_bwd.cu"}
+    assert all(s.hopper_only == (s.source == "flash_fwd_sm90.cu") for s in specs)
 
 
 def test_batch_collapse():
@@ -45,9 +47,13 @@ def test_batch_collapse():
 # ---------------------------------------------------------------------------------------------
 # GPU
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
+@pytest.fixture(autouse=True, params=["sm80-kernel", "as-dispatched"])
+def _poison(monkeypatch, request):
+    """Each test runs twice: on the sm80 (mma.sync) kernel alone, and as the backend dispatches
+    (the Hopper kernel where it supports the case on an sm_90 GPU)."""
     monkeypatch.setattr(_flash, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(_flash_sm90, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(_flash, "HOPPER_KERNEL", request.param == "as-dispatched")
 
 
 def _cp():

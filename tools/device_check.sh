@@ -11,7 +11,7 @@ echo "== GPU tests"
 timeout 420 python3 -m pytest -q -m gpu -x -p no:cacheprovider "${@:-tests}" > "$out/tests.log" 2>&1
 echo "pytest rc=$?"; tail -n 15 "$out/tests.log"
 echo "== compute-sanitizer"
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck synccheck; do
   timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/sanitizer_case.py > "$out/sanitizer_$tool.log" 2>&1
   echo "$tool rc=$?"; tail -n 4 "$out/sanitizer_$tool.log"
 done

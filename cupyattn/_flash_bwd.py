@@ -1,0 +1,325 @@
+"""Flash backward: tiled CUDA kernels recomputing the probabilities from the forward's lse
+(kernels_cu/flash_bwd.cu). Wired into FlashBackend by `backward_reasons` and `flash_backward`.
+
+Three kernels per call: a pre-pass (delta = rowsum(dO * O) and lse in the log2 domain), the main
+kernel over key tiles (dK, dV in registers, GQA groups summed inside the block, dQ by fp32
+atomics) and, with deterministic=True, a separate dQ kernel over query tiles instead of atomics.
+
+deterministic=False is the default: the atomic dQ adds one matrix product per tile to the main
+kernel, while the deterministic pass recomputes S and dP once more (roughly 1.4x the backward's
+work). With atomics the order of the float additions into dQ varies between runs, so dQ can
+differ in its last bits; dK and dV are bitwise reproducible in both modes.
+
+Outputs are float32 (the API sums broadcast batch axes and casts to the input dtype).
+Inputs are read in place through their strides (two batch levels per launch, more are looped
+over launches); only a q/k/v whose last axis is not contiguous is copied, and dout/out/lse are
+made contiguous (no copy when they already are, as the forward returns them).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Tuple
+
+import numpy as np
+
+from ._kernels import KernelSpec
+from ._problem import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, Problem, dtype_name
+
+SOURCE = "flash_bwd.cu"
+WIDTHS = (32, 64, 96, 128, 192, 256)     # padded head dims with an instantiation
+MAX_HEAD_DIM = WIDTHS[-1]
+_CTYPES = {FLOAT16: "__half", BFLOAT16: "__nv_bfloat16"}
+_MASK_CODES = {None: 0, "bool": 1, "bias": 2}
+_BIAS_CODES = {FLOAT16: 0, BFLOAT16: 1, FLOAT32: 2, FLOAT64: 3}
+_INT32_LIMIT = 2**31 - 1 - 4096
+_SMEM_PORTABLE = 163 * 1024              # sm_80's opt-in limit: a second Q/dO stage only below it
+PREP_ROWS_PER_BLOCK = 8
+
+# Tests switch this on: dq (deterministic mode), dk, dv and the delta / lse2 workspaces are filled
+# with NaN before the launches, so an element a kernel fails to write shows up. (The atomic dq
+# workspace must start at zero and is not poisoned.)
+POISON_OUTPUTS = False
+
+
+def main_config(width: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, NWARPS) of flash_bwd_kernel for a padded head dim."""
+    # Register budget per thread ~ HD / WQ (dK, dV) + BLOCK_M / WQ (S, dP), WQ = NWARPS / (BLOCK_N / 16).
+    if width <= 64:
+        return 64, 128, 8
+    if width == 128:
+        return 32, 128, 8     # WQ = 1; 64 query rows would spill
+    if width <= 128:
+        return 64, 64, 8      # 96: phase C needs HD / (NWARPS / (BLOCK_M / 16)) % 16 == 0
+    return 64, 32, 8
+
+
+def dq_config(width: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, NWARPS) of flash_bwd_dq_kernel."""
+    return (64, 64, 4) if width <= 128 else (64, 32, 4)
+
+
+def _main_bytes(width: int, stages: int) -> int:
+    bm, bn, nw = main_config(width)
+    wq = nw // (bn // 16)
+    lds, ldp = width + 8, bm + 8
+    return (2 * bn * lds + 2 * stages * bm * lds + (2 if wq > 1 else 1) * bn * ldp) * 2 + 2 * stages * bm * 4
+
+
+def main_stages(width: int) -> int:
+    return 2 if _main_bytes(width, 2) <= _SMEM_PORTABLE else 1
+
+
+def main_shared_bytes(width: int) -> int:
+    return _main_bytes(width, main_stages(width))
+
+
+def dq_shared_bytes(width: int) -> int:
+    bm, bn, _ = dq_config(width)
+    return (2 * bm + 4 * bn) * (width + 8) * 2
+
+
+def padded_width(problem: Problem) -> int:
+    need = max(problem.head_dim, problem.head_dim_v)
+    return next(w for w in WIDTHS if w >= need)
+
+
+def main_spec(dtype, width: int, masked: bool) -> KernelSpec:
+    bm, bn, nw = main_config(width)
+    return KernelSpec(SOURCE, f"flash_bwd_kernel<{_CTYPES[np.dtype(dtype)]}, {width}, {bm}, {bn}, {nw}, "
+                              f"{main_stages(width)}, {'true' if masked else 'false'}>")
+
+
+def dq_spec(dtype, width: int, masked: bool) -> KernelSpec:
+    bm, bn, nw = dq_config(width)
+    return KernelSpec(SOURCE, f"flash_bwd_dq_kernel<{_CTYPES[np.dtype(dtype)]}, {width}, {bm}, {bn}, {nw}, "
+                              f"{'true' if masked else 'false'}>")
+
+
+def prep_spec(dtype) -> KernelSpec:
+    return KernelSpec(SOURCE, f"flash_bwd_prep_kernel<{_CTYPES[np.dtype(dtype)]}>")
+
+
+def kernel_specs() -> List[KernelSpec]:
+    """Every instantiation flash_backward can request (2 + 2 x 6 x 2 x 2 = 50)."""
+    specs = []
+    for dtype in (FLOAT16, BFLOAT16):
+        specs.append(prep_spec(dtype))
+        for width in WIDTHS:
+            for masked in (False, True):
+                specs.append(main_spec(dtype, width, masked))
+                specs.append(dq_spec(dtype, width, masked))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch planning helpers (same conventions as _flash.py; kept here so the two files move apart
+# freely)
+
+def _device_props(device_id):
+    import cupy
+    cc = cupy.cuda.Device(device_id).compute_capability
+    major, minor = int(cc[:-1]), int(cc[-1])
+    rt = cupy.cuda.runtime
+    smem = rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id)
+    return major, minor, smem
+
+
+def _elem_strides(a) -> Tuple[int, ...]:
+    return tuple(s // a.itemsize for s in a.strides)
+
+
+def _collapse_batch(shape, strides_per_tensor):
+    """Drop size-1 batch dims and merge adjacent dims whose strides allow it, for all tensors at
+    once. Returns [(size, [stride per tensor])], outermost first."""
+    merged = []
+    for i, n in enumerate(shape):
+        if n == 1:
+            continue
+        st = [s[i] for s in strides_per_tensor]
+        if merged and all(ps == s * n for ps, s in zip(merged[-1][1], st)):
+            merged[-1] = (merged[-1][0] * n, st)
+        else:
+            merged.append((n, st))
+    return merged
+
+
+def _levels(problem: Problem, tensors):
+    nb = len(problem.batch_shape)
+    return _collapse_batch(problem.batch_shape, [_elem_strides(t)[:nb] for t in tensors])
+
+
+def _grids(problem: Problem, levels):
+    width = padded_width(problem)
+    inner = math.prod(n for n, _ in levels[-2:]) if levels else 1
+    bm, bn, _ = main_config(width)
+    dbm, _, _ = dq_config(width)
+    main = -(-problem.len_k // bn) * problem.num_heads_kv * inner
+    dq = -(-problem.len_q // dbm) * problem.num_heads_q * inner
+    return main, dq
+
+
+def backward_reasons(problem: Problem) -> List[str]:
+    """Why flash_backward cannot run `problem` (empty list = it can)."""
+    if problem.library != "cupy":
+        return ["inputs are NumPy arrays (flash runs on CUDA GPUs)"]
+    why = []
+    if problem.dtype not in _CTYPES:
+        why.append(f"dtype {dtype_name(problem.dtype)} is not supported (flash takes float16 and bfloat16)")
+    if problem.head_dim > MAX_HEAD_DIM:
+        why.append(f"head dim D={problem.head_dim} > {MAX_HEAD_DIM}")
+    if problem.head_dim_v > MAX_HEAD_DIM:
+        why.append(f"value head dim Dv={problem.head_dim_v} > {MAX_HEAD_DIM}")
+    if max(problem.len_q, problem.len_k) > _INT32_LIMIT:
+        why.append("sequence length past 2^31 keys or queries")
+    try:
+        major, minor, smem = _device_props(problem.device_id)
+    except Exception as exc:   # no driver or no device
+        why.append(f"cannot query the CUDA device ({type(exc).__name__})")
+        return why
+    if major < 8:
+        why.append(f"compute capability {major}.{minor} < 8.0 (flash needs sm_80 or newer)")
+    elif not why:
+        width = padded_width(problem)
+        need = max(main_shared_bytes(width), dq_shared_bytes(width))
+        if need > smem:
+            why.append(f"backward needs {need} bytes of shared memory per block, the device allows {smem}")
+    if not why:
+        tensors = [problem.q, problem.k, problem.v] + ([problem.mask] if problem.mask is not None else [])
+        if max(_grids(problem, _levels(problem, tensors))) > 2**31 - 1:
+            why.append("more than 2^31 thread blocks in one launch")
+    return why
+
+
+def backward_notes(problem: Problem) -> List[str]:
+    width = padded_width(problem)
+    out = [f"backward kernel {main_spec(problem.dtype, width, problem.mask is not None).name}"]
+    rows = problem.batch_size * problem.num_heads_q * problem.len_q
+    out.append(f"{rows * (problem.head_dim + 2) * 4 / 2**20:.2f} MiB float32 dq/delta workspace")
+    return out
+
+
+def _contiguous_last(a, xp):
+    if a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
+        return xp.ascontiguousarray(a)
+    return a
+
+
+def flash_backward(problem: Problem, dout, out, lse, deterministic: bool = False):
+    """(dq, dk, dv) in float32, shaped like problem.q / problem.k / problem.v (batch_shape + (H, L, D)).
+
+    dout, out: batch_shape + (Hq, Lq, Dv) in the input dtype; lse: batch_shape + (Hq, Lq) float32
+    (natural log, -inf for rows that see no key). deterministic=True computes dQ without atomics
+    in a second kernel (bitwise reproducible, slower); the default uses fp32 atomics.
+    """
+    import cupy
+    from ._kernels import get_function, set_dynamic_shared_memory
+
+    xp = cupy
+    hq, hkv, lq, lk = problem.num_heads_q, problem.num_heads_kv, problem.len_q, problem.len_k
+    d, dv_dim = problem.head_dim, problem.head_dim_v
+    q, k, v = (_contiguous_last(a, xp) for a in (problem.q, problem.k, problem.v))
+    mask = problem.mask
+    masked = mask is not None
+    dout = xp.ascontiguousarray(dout)
+    out = xp.ascontiguousarray(out)
+    lse = xp.ascontiguousarray(lse, dtype=np.float32)
+
+    batch = problem.batch_size
+    rows = batch * hq * lq
+    delta = xp.empty(rows, dtype=np.float32)
+    lse2 = xp.empty(rows, dtype=np.float32)
+    dk = xp.empty(problem.batch_shape + (hkv, lk, d), dtype=np.float32)
+    dv = xp.empty(problem.batch_shape + (hkv, lk, dv_dim), dtype=np.float32)
+    dq_shape = problem.batch_shape + (hq, lq, d)
+    dq = xp.empty(dq_shape, dtype=np.float32) if deterministic else xp.zeros(dq_shape, dtype=np.float32)
+    if POISON_OUTPUTS:
+        for a in (delta, lse2, dk, dv) + ((dq,) if deterministic else ()):
+            a.fill(np.nan)
+    if rows == 0 or lk == 0 or batch * hkv == 0:   # nothing to compute (the API handles these first)
+        dk.fill(0)
+        dv.fill(0)
+        dq.fill(0)
+        return dq, dk, dv
+
+    i32, i64 = np.int32, np.int64
+
+    def ptr(a, off=0):
+        return np.uint64(a.data.ptr + off * a.itemsize) if a is not None else np.uint64(0)
+
+    prep = get_function(prep_spec(problem.dtype))
+    prep((-(-rows // PREP_ROWS_PER_BLOCK),), (32 * PREP_ROWS_PER_BLOCK,),
+         (ptr(dout), ptr(out), ptr(lse), ptr(delta), ptr(lse2), i64(rows), i32(dv_dim)))
+
+    width = padded_width(problem)
+    bm, bn, nw = main_config(width)
+    dbm, dbn, dnw = dq_config(width)
+    main_fn = get_function(main_spec(problem.dtype, width, masked))
+    main_smem = main_shared_bytes(width)
+    set_dynamic_shared_memory(main_fn, main_smem)
+    if deterministic:
+        dq_fn = get_function(dq_spec(problem.dtype, width, masked))
+        dq_smem = dq_shared_bytes(width)
+        set_dynamic_shared_memory(dq_fn, dq_smem)
+
+    tensors = [q, k, v] + ([mask] if masked else [])
+    nb = len(problem.batch_shape)
+    tail = [_elem_strides(t)[nb:] for t in tensors]          # (h, l[, k]) strides per tensor
+    levels = _levels(problem, tensors)
+    inner_levels = levels[-2:]
+    while len(inner_levels) < 2:
+        inner_levels = [(1, [0] * len(tensors))] + list(inner_levels)
+    outer_levels = levels[:-2]
+    launches = math.prod(n for n, _ in outer_levels) if outer_levels else 1
+    (n0, st0), (n1, st1) = inner_levels
+    launch_batch = n0 * n1
+    q_rows = launch_batch * hq * lq            # rows of dout / lse2 / delta / dq per launch
+    kv_rows = launch_batch * hkv * lk          # rows of dk / dv per launch
+
+    mask_code = _MASK_CODES[problem.mask_kind]
+    bias_code = _BIAS_CODES.get(np.dtype(mask.dtype), 0) if problem.mask_kind == "bias" else 0
+    scale = float(problem.scale)
+    scale_log2 = np.float32(scale * math.log2(math.e))
+    num_n_blocks = -(-lk // bn)
+    num_m_blocks = -(-lq // dbm)
+    main_grid = num_n_blocks * hkv * launch_batch
+    dq_grid = num_m_blocks * hq * launch_batch
+
+    def vec_ok(width_, ptr_value, strides):
+        return width_ % 8 == 0 and int(ptr_value) % 16 == 0 and all(s % 8 == 0 for s in strides)
+
+    for launch in range(launches):
+        offs = [0] * len(tensors)
+        rem = launch
+        for n, st in reversed(outer_levels):
+            idx = rem % n
+            rem //= n
+            offs = [o + idx * s for o, s in zip(offs, st)]
+        pq, pk, pv = ptr(q, offs[0]), ptr(k, offs[1]), ptr(v, offs[2])
+        pm = ptr(mask, offs[3]) if masked else np.uint64(0)
+        sq = (st0[0], st1[0]) + tuple(tail[0][:2])
+        sk = (st0[1], st1[1]) + tuple(tail[1][:2])
+        sv = (st0[2], st1[2]) + tuple(tail[2][:2])
+        sm = ((st0[3], st1[3]) + tuple(tail[3][:3])) if masked else (0,) * 5
+        qoff = launch * q_rows
+        p_do = ptr(dout, qoff * dv_dim)
+        vec = ((1 if vec_ok(d, pq, sq) else 0) | (2 if vec_ok(d, pk, sk) else 0)
+               | (4 if vec_ok(dv_dim, pv, sv) else 0) | (8 if vec_ok(dv_dim, p_do, ()) else 0))
+        p_l2, p_dl = ptr(lse2, qoff), ptr(delta, qoff)
+        p_dq = ptr(dq, qoff * d)
+        koff = launch * kv_rows
+        strides = (*(i64(s) for s in sq), *(i64(s) for s in sk), *(i64(s) for s in sv),
+                   *(i64(s) for s in sm))
+        main_fn((main_grid,), (nw * 32,),
+                (pq, pk, pv, pm, p_do, p_l2, p_dl, p_dq, ptr(dk, koff * d), ptr(dv, koff * dv_dim),
+                 i32(lq), i32(lk), i32(d), i32(dv_dim), i32(hq), i32(problem.group_size), i32(n1),
+                 i32(num_n_blocks), i32(problem.causal), i32(mask_code), i32(bias_code), i32(vec),
+                 i32(0 if deterministic else 1), scale_log2, np.float32(scale), *strides),
+                shared_mem=main_smem)
+        if deterministic:
+            dq_fn((dq_grid,), (dnw * 32,),
+                  (pq, pk, pv, pm, p_do, p_l2, p_dl, p_dq,
+                   i32(lq), i32(lk), i32(d), i32(dv_dim), i32(hq), i32(problem.group_size), i32(n1),
+                   i32(num_m_blocks), i32(problem.causal), i32(mask_code), i32(bias_code), i32(vec),
+                   scale_log2, np.float32(scale), *strides),
+                  shared_mem=dq_smem)
+    return dq, dk, dv

@@ -1,0 +1,331 @@
+"""Hopper (sm_90a) flash-attention forward: TMA + mbarrier ring + wgmma (kernels_cu/flash_fwd_sm90.cu).
+
+Entry points for the flash backend:
+    supports(problem) -> list[str]    reasons this kernel cannot run `problem` (empty = it can)
+    kernel_specs() -> list[KernelSpec] every instantiation (for the CI compile gate)
+    forward(problem) -> (out, lse)     out batch_shape + (Hq, Lq, Dv) in problem.dtype,
+                                       lse batch_shape + (Hq, Lq) float32 (natural log)
+
+The kernel reads q, k and v in place through TMA tensor maps built here from the arrays' real
+strides (`cuTensorMapEncodeTiled` from the driver, libcuda.so.1, through ctypes). A tensor map has
+at most 5 dims: (D, L, H, B1, B0). Batch axes are collapsed where the three inputs allow it; axes
+of extent 1 are dropped; a batch axis with stride 0 (broadcast) gets extent 1 in that tensor's map
+and coordinate 0 in the kernel; if more than two batch axes remain, the leading ones are looped
+over on the host (one launch each).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import itertools
+import math
+from typing import List, Tuple
+
+import numpy as np
+
+from ._kernels import KernelSpec, get_function, set_dynamic_shared_memory
+from ._problem import BFLOAT16, FLOAT16, Problem, dtype_name
+
+SOURCE = "flash_fwd_sm90.cu"
+BLOCK_M = 128            # query rows per block (two consumer warpgroups of 64)
+THREADS = 384            # producer warpgroup + two consumer warpgroups
+# head dim -> (keys per tile BN, K/V ring stages)
+CONFIGS = {64: (128, 4), 128: (128, 2), 256: (64, 2)}
+HEAD_DIMS = tuple(sorted(CONFIGS))
+_CTYPES = {FLOAT16: "__half", BFLOAT16: "__nv_bfloat16"}
+_TMA_DTYPE = {FLOAT16: 6, BFLOAT16: 9}    # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
+_MAX_LEN = 2**31 - 1024                   # TMA coordinates and row indices are int32
+_SMEM_LIMIT = 227 * 1024
+
+# Which consumer loop runs: True = the S GEMM of tile i is issued with the PV GEMM of tile i-1 and
+# the softmax runs under the PV GEMM; False = the plain order (S, softmax, PV per tile). Both are
+# compiled by the gate and tested; forward(..., overlap=...) overrides per call. The plain order
+# is the default: on an H200 (2026-11-28, tools/sm90_check.py) it was as fast or faster in most
+# bf16 rows (D=256, L=16k: 626 vs 496 TFLOP/s; D=128, L=16k: 529 vs 528).
+OVERLAP = False
+
+# Tests set this (or pass poison=True) to fill out and lse with NaN before every launch, so rows
+# the kernel forgets to write cannot pass.
+POISON_OUTPUTS = False
+
+
+def kernel_name(dtype, head_dim: int, overlap: bool = True) -> str:
+    bn, stages = CONFIGS[head_dim]
+    return (f"flash_fwd_sm90_kernel<{_CTYPES[np.dtype(dtype)]}, {head_dim}, {bn}, {stages}, "
+            f"{'true' if overlap else 'false'}>")
+
+
+def spec_for(dtype, head_dim: int, overlap: bool = True) -> KernelSpec:
+    return KernelSpec(source=SOURCE, name=kernel_name(dtype, head_dim, overlap), hopper_only=True)
+
+
+def kernel_specs() -> List[KernelSpec]:
+    return [spec_for(dt, d, ov) for ov in (True, False) for dt in (FLOAT16, BFLOAT16) for d in HEAD_DIMS]
+
+
+def smem_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of one block; mirrors sm90::Plan in the kernel source."""
+    bn, stages = CONFIGS[head_dim]
+    q = BLOCK_M * head_dim * 2
+    kv = bn * head_dim * 2
+    return q + 2 * stages * kv + 8 * (1 + 3 * stages) + 1024
+
+
+assert all(smem_bytes(d) <= _SMEM_LIMIT for d in HEAD_DIMS)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the kernel can run
+
+def _base_address(a) -> int:
+    if isinstance(a, np.ndarray):
+        return a.ctypes.data
+    return a.data.ptr
+
+
+def _layout_reasons(name: str, a) -> List[str]:
+    """Why TMA cannot describe the (..., H, L, D) view `a` (empty = it can)."""
+    reasons = []
+    item = a.itemsize
+    shape, strides = a.shape, a.strides
+    if shape[-1] > 1 and strides[-1] != item:
+        reasons.append(f"{name}'s last axis is not contiguous (stride {strides[-1] // item} elements)")
+    for axis in range(len(shape) - 2, -1, -1):
+        label = {len(shape) - 2: "L", len(shape) - 3: "H"}.get(axis, f"batch axis {axis}")
+        n, st = shape[axis], strides[axis]
+        if n <= 1:
+            continue
+        if st < 0:
+            reasons.append(f"{name} has a negative stride on its {label} axis")
+        elif st == 0:
+            if label == "L":
+                reasons.append(f"{name} is broadcast along its sequence axis (stride 0)")
+        elif st % 16:
+            reasons.append(f"{name}'s {label} stride ({st} bytes) is not a multiple of 16 bytes")
+        elif st >= 2**40:
+            reasons.append(f"{name}'s {label} stride ({st} bytes) is too large for a tensor map")
+    if _base_address(a) % 16:
+        reasons.append(f"{name}'s base address is not 16-byte aligned")
+    return reasons
+
+
+def _device_reason(problem: Problem):
+    try:
+        import cupy
+        cc = cupy.cuda.Device(problem.device_id).compute_capability
+    except Exception as exc:   # no driver / no device
+        return f"no CUDA device ({type(exc).__name__})"
+    if cc != "90":
+        return f"needs an sm_90 (Hopper) GPU, device is sm_{cc}"
+    return None
+
+
+def supports(problem: Problem) -> List[str]:
+    """Reasons this kernel cannot compute the forward of `problem` (empty list = it can)."""
+    reasons = []
+    if problem.library != "cupy":
+        reasons.append("inputs are NumPy arrays (the sm90 kernel needs CuPy arrays on an sm_90 GPU)")
+    else:
+        why = _device_reason(problem)
+        if why:
+            reasons.append(why)
+    if problem.dtype not in _CTYPES:
+        reasons.append(f"dtype {dtype_name(problem.dtype)} (the sm90 kernel runs float16 and bfloat16)")
+    if problem.head_dim != problem.head_dim_v:
+        reasons.append(f"D={problem.head_dim} != Dv={problem.head_dim_v} (the sm90 kernel needs D == Dv)")
+    if problem.head_dim not in CONFIGS:
+        reasons.append(f"head dim {problem.head_dim} is not instantiated for sm90 (only {list(HEAD_DIMS)})")
+    if problem.mask is not None:
+        reasons.append("mask/bias given (masks run on the sm80 flash kernel)")
+    if problem.len_q > _MAX_LEN or problem.len_k > _MAX_LEN:
+        reasons.append("sequence length too long for int32 tile coordinates")
+    num_m = -(-problem.len_q // BLOCK_M)
+    if num_m * problem.batch_size * problem.num_heads_q >= 2**31:
+        reasons.append("more than 2^31 - 1 tiles in one launch")
+    for name, a in (("q", problem.q), ("k", problem.k), ("v", problem.v)):
+        reasons.extend(_layout_reasons(name, a))
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor maps (cuTensorMapEncodeTiled through ctypes)
+
+class TensorMapError(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def _encode_fn():
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        raise TensorMapError(
+            "the sm90 flash kernel needs the CUDA driver library libcuda.so.1 to build TMA tensor "
+            f"maps (cuTensorMapEncodeTiled), and it could not be loaded: {exc}") from None
+    try:
+        fn = lib.cuTensorMapEncodeTiled
+    except AttributeError:
+        raise TensorMapError("libcuda.so.1 has no cuTensorMapEncodeTiled (driver older than CUDA 12)") from None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
+                   ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64),
+                   ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return fn
+
+
+_TMAP_DTYPE = np.dtype([("v", "<u8", (16,))])   # 128 bytes, passed by value to the kernel
+
+
+def encode_tensor_map(address: int, dtype, dims, strides_bytes, box) -> np.ndarray:
+    """A CUtensorMap for a tiled TMA load with 128-byte swizzle and zero fill out of bounds.
+
+    dims: extents innermost first (dims[0] contiguous); strides_bytes: the byte strides of
+    dims[1:]; box: the tile extents. Returns a one-element numpy structured array (128 bytes)
+    that CuPy passes by value to a `const __grid_constant__` 64-byte-aligned struct parameter.
+    """
+    fn = _encode_fn()
+    rank = len(dims)
+    raw = (ctypes.c_uint8 * (128 + 64))()              # the driver wants a 64-byte aligned CUtensorMap
+    ptr = (ctypes.addressof(raw) + 63) // 64 * 64
+    c_dims = (ctypes.c_uint64 * rank)(*dims)
+    c_strides = (ctypes.c_uint64 * max(rank - 1, 1))(*strides_bytes)
+    c_box = (ctypes.c_uint32 * rank)(*box)
+    c_elem = (ctypes.c_uint32 * rank)(*([1] * rank))
+    status = fn(ptr, _TMA_DTYPE[np.dtype(dtype)], rank, ctypes.c_void_p(address), c_dims, c_strides,
+                c_box, c_elem, 0,   # CU_TENSOR_MAP_INTERLEAVE_NONE
+                3,                  # CU_TENSOR_MAP_SWIZZLE_128B
+                2,                  # CU_TENSOR_MAP_L2_PROMOTION_L2_128B
+                0)                  # CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE (zeros)
+    if status != 0:
+        raise TensorMapError(
+            f"cuTensorMapEncodeTiled failed with CUresult {status} (address 0x{address:x}, dims {list(dims)}, "
+            f"strides {list(strides_bytes)} bytes, box {list(box)})")
+    out = np.zeros(1, dtype=_TMAP_DTYPE)
+    out.view(np.uint8)[:] = np.frombuffer(ctypes.string_at(ptr, 128), dtype=np.uint8)
+    del raw
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch axes: collapse what the three inputs allow, then split into (looped, B0, B1)
+
+def _collapse_batch(batch_shape, stride_lists):
+    """[(extent, (q_stride, k_stride, v_stride))] for the batch axes, outer first, with extent-1
+    axes dropped and neighbours merged where every tensor's strides allow it."""
+    axes = [(n, tuple(s[i] for s in stride_lists)) for i, n in enumerate(batch_shape) if n != 1]
+    merged = []
+    for n, st in axes:
+        if merged:
+            pn, pst = merged[-1]
+            if all(ps == s * n for ps, s in zip(pst, st)):
+                merged[-1] = (pn * n, st)
+                continue
+        merged.append((n, st))
+    return merged
+
+
+def _dim_entry(extent, stride, placeholder):
+    """(extent, stride, broadcast?) of one map dim: stride-0 axes become extent 1."""
+    if extent <= 1:
+        return 1, placeholder, False
+    if stride == 0:
+        return 1, placeholder, True
+    return extent, stride, False
+
+
+def forward(problem: Problem, poison=None, overlap=None) -> Tuple[object, object]:
+    """(out, lse): out batch_shape + (Hq, Lq, D) in problem.dtype, lse batch_shape + (Hq, Lq) float32.
+
+    poison: fill the outputs with NaN before the launch (default: the module's POISON_OUTPUTS);
+    overlap: which consumer loop (default: the module's OVERLAP)."""
+    reasons = supports(problem)
+    if reasons:
+        raise ValueError("the sm90 flash kernel cannot run this problem: " + "; ".join(reasons))
+    import cupy
+    poison = POISON_OUTPUTS if poison is None else poison
+    overlap = OVERLAP if overlap is None else bool(overlap)
+    D, Lq, Lk, Hq, Hkv = problem.head_dim, problem.len_q, problem.len_k, problem.num_heads_q, problem.num_heads_kv
+    dtype = problem.dtype
+    out = cupy.empty(problem.batch_shape + (Hq, Lq, D), dtype=dtype)
+    lse = cupy.empty(problem.batch_shape + (Hq, Lq), dtype=np.float32)
+    if poison:
+        out.view(np.uint16).fill(0x7FFF)   # NaN in float16 and in bfloat16
+        lse.fill(np.nan)
+    if out.size == 0 and lse.size == 0:
+        return out, lse
+    if Lk == 0:
+        out.fill(0)
+        lse.fill(-np.inf)
+        return out, lse
+
+    q, k, v = problem.q, problem.k, problem.v
+    nbatch = len(problem.batch_shape)
+    axes = _collapse_batch(problem.batch_shape, [q.strides[:nbatch], k.strides[:nbatch], v.strides[:nbatch]])
+    looped, kept = axes[:-2], list(axes[-2:])   # more than two batch axes: loop over the leading ones
+    while len(kept) < 2:
+        kept.insert(0, (1, (0, 0, 0)))
+    (nb0, st0), (nb1, st1) = kept
+
+    bn, stages = CONFIGS[D]
+    group = Hq // Hkv
+    num_m = -(-Lq // BLOCK_M)
+    num_bh = nb0 * nb1 * Hq
+    grid = num_m * num_bh
+    device = cupy.cuda.Device(problem.device_id)
+    fn = get_function(spec_for(dtype, D, overlap), device)
+    nbytes = smem_bytes(D)
+    set_dynamic_shared_memory(fn, nbytes)
+    swz_bh = _swizzle_width(device, Lk, D, group, num_bh)
+    scale_log2 = np.float32(problem.scale * math.log2(math.e))
+    item = dtype.itemsize
+    placeholder = D * item   # stride for dims of extent 1 (any multiple of 16 works)
+
+    outer_sizes = [n for n, _ in looped]
+    out_flat = out.reshape((-1,) + out.shape[nbatch:])   # contiguous: (B, Hq, Lq, D)
+    lse_flat = lse.reshape((-1,) + lse.shape[nbatch:])
+    per_launch = nb0 * nb1
+    for launch, idx in enumerate(itertools.product(*[range(n) for n in outer_sizes])):
+        maps = []
+        bcast = 0
+        for t, (a, heads, length, box_rows) in enumerate(((q, Hq, Lq, 64), (k, Hkv, Lk, bn), (v, Hkv, Lk, bn))):
+            offset = sum(i * st[t] for i, (_, st) in zip(idx, looped))
+            l_ext, l_st, _ = _dim_entry(length, a.strides[-2], placeholder)
+            h_ext, h_st, h_b = _dim_entry(heads, a.strides[-3], placeholder)
+            b1_ext, b1_st, b1_b = _dim_entry(nb1, st1[t], placeholder)
+            b0_ext, b0_st, b0_b = _dim_entry(nb0, st0[t], placeholder)
+            bcast |= (h_b | (b1_b << 1) | (b0_b << 2)) << (3 * t)
+            maps.append(encode_tensor_map(
+                a.data.ptr + offset, dtype, (D, l_ext, h_ext, b1_ext, b0_ext),
+                (l_st, h_st, b1_st, b0_st), (64, box_rows, 1, 1, 1)))
+        first = launch * per_launch
+        o = out_flat[first:first + per_launch]
+        s = lse_flat[first:first + per_launch]
+        fn((grid,), (THREADS,),
+           (maps[0], maps[1], maps[2], o, s, np.int32(Lq), np.int32(Lk), np.int32(Hq), np.int32(group),
+            np.int32(nb1), np.int32(num_m), np.int32(num_bh), np.int32(swz_bh), np.int32(problem.causal),
+            np.int32(bcast), scale_log2),
+           shared_mem=nbytes)
+    return out, lse
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device_id: int) -> int:
+    import cupy
+    try:
+        return int(cupy.cuda.runtime.getDeviceProperties(device_id)["l2CacheSize"])
+    except Exception:
+        return 50 * 2**20
+
+
+# Tests may force the width of the (batch, head) groups of the block order (None = from L2 size).
+SWIZZLE_WIDTH = None
+
+
+def _swizzle_width(device, Lk, D, group, num_bh) -> int:
+    """(batch, head) pairs scheduled together so that their K and V stay in half of L2."""
+    if SWIZZLE_WIDTH is not None:
+        return int(min(max(SWIZZLE_WIDTH, 1), num_bh))
+    kv_bytes_per_q_head = max(1, 2 * Lk * D * 2 // group)
+    width = (_l2_bytes(device.id) // 2) // kv_bytes_per_q_head
+    return int(min(max(width, 1), num_bh))

@@ -1,0 +1,780 @@
+// Flash attention forward for Hopper (sm_90a): TMA + mbarrier ring + wgmma, warp-specialised.
+//
+// One block (384 threads) owns BLOCK_M = 128 query rows of one (batch, q-head):
+//   warpgroup 0   producer: after setmaxnreg.dec, one thread issues every TMA load (Q once, then
+//                 K and V tiles into a STAGES-deep shared-memory ring; full barriers carry the
+//                 transaction bytes, empty barriers are released by the consumers).
+//   warpgroups 1,2 consumers: each owns 64 query rows. Per key tile: S = Q K^T with wgmma
+//                 (A = Q and B = K from shared memory, K-major, 128-byte swizzle), online softmax
+//                 in registers (exp2, scale*log2(e) folded in), P converted in registers to the
+//                 wgmma A-fragment layout, O += P V with wgmma (A from registers, B = V from
+//                 shared memory, MN-major, i.e. trans-b), then the stage is released.
+// Key tiles are visited from the last to the first so the masked tiles (the causal diagonal, the
+// partial tile at Lk) come first. Causal is bottom-right: query i sees key j iff j <= i + Lk - Lq.
+//
+// Shared-memory tiles are stored in the TMA 128B-swizzle layout: a tile of R rows x D columns is
+// D/64 "column chunks", each R rows x 128 bytes, with rows at a 128-byte pitch and the 16-byte
+// units of a row XOR-permuted by (row % 8) (hardware swizzle, the same for TMA and wgmma as
+// long as every chunk starts 1024-byte aligned).
+//
+// Template parameters: T (__half / __nv_bfloat16), D (head dim = Dv: 64, 128, 256), BN (keys per
+// tile), STAGES (ring depth), OVERLAP (issue the next S GEMM together with the current PV GEMM
+// and run the softmax under the PV GEMM; false = plain S, softmax, PV per tile).
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+namespace sm90 {
+
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kBlockM = 128;          // query rows per block (2 consumer warpgroups x 64)
+constexpr int kThreads = 384;         // producer warpgroup + 2 consumer warpgroups
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;    // 40*128 + 232*256 = 64512 = 168*384 (the entry budget)
+
+// A CUtensorMap, opaque, 128 bytes, 64-byte aligned; passed by value as a __grid_constant__ param.
+struct alignas(64) TmaMap {
+    unsigned long long v[16];
+};
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// ---- mbarrier ---------------------------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+// Blocks until the phase with the given parity has completed. A freshly initialised barrier is in
+// phase 0; waiting for parity 1 on it returns at once (the "previous" phase counts as complete).
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile("{\n.reg .pred p;\n"
+                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     "selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+
+// ---- TMA ------------------------------------------------------------------------------------
+__device__ __forceinline__ void tma_load_5d(unsigned dst, const TmaMap* map, unsigned bar,
+                                            int c0, int c1, int c2, int c3, int c4) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%3, %4, %5, %6, %7}], [%2];\n"
+        :: "r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar),
+           "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
+        : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
+    asm volatile("prefetch.tensormap [%0];\n" :: "l"(reinterpret_cast<unsigned long long>(map)) : "memory");
+}
+
+// ---- wgmma ----------------------------------------------------------------------------------
+// Shared-memory matrix descriptor (PTX ISA "matrix descriptor"): bits 0-13 start address >> 4,
+// 16-29 leading-dimension byte offset >> 4, 32-45 stride-dimension byte offset >> 4, 49-51 base
+// offset (0: every swizzle atom is 1024-byte aligned here), 62-63 swizzle mode (1 = 128B).
+//  K-major, 128B swizzle: rows of 128 bytes, SBO = 1024 (next group of 8 rows); LBO unused (1).
+//    Stepping K by 16 elements inside a 64-element chunk adds 32 bytes to the start address.
+//  MN-major, 128B swizzle (V as the B operand, N = head dim contiguous): LBO = byte distance
+//    between 64-element column chunks of N, SBO = 1024 (next group of 8 K rows = keys).
+__device__ __forceinline__ unsigned long long make_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+    unsigned long long d = 0;
+    d |= static_cast<unsigned long long>((addr & 0x3FFFFu) >> 4);
+    d |= static_cast<unsigned long long>((lbo >> 4) & 0x3FFFu) << 16;
+    d |= static_cast<unsigned long long>((sbo >> 4) & 0x3FFFu) << 32;
+    d |= 1ull << 62;
+    return d;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
+
+// Keeps the compiler from moving accesses to accumulator registers across wgmma fences/waits.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i]) :: "memory");
+}
+
+template <typename T, int N> struct Wgmma;
+
+// ---- generated: wgmma.mma_async m64nNk16, fp32 accumulators d[N/2] -----------------------------
+// Accumulator fragment (PTX ISA, wgmma D for m64nNk16): warp w of the warpgroup owns rows
+// 16w..16w+15; lane = 4g + t holds, for each 8-column chunk j, d[4j+0], d[4j+1] at row 16w+g,
+// columns 8j+2t, 8j+2t+1, and d[4j+2], d[4j+3] at row 16w+g+8, same columns.
+// A from registers (16-bit types): a[0] = (row g, k 2t..2t+1), a[1] = (g+8, 2t..), a[2] = (g, 2t+8..),
+// a[3] = (g+8, 2t+8..), each packing the lower k in the low half.
+
+template <> struct Wgmma<__half, 64> {
+    // S-type GEMM: A and B from shared memory, both K-major (no transpose).
+    __device__ __forceinline__ static void ss(float (&d)[32], unsigned long long da, unsigned long long db, int scale_d) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31"
+            "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+            :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "l"(da), "l"(db), "r"(scale_d));
+    }
+    // PV-type GEMM: A from registers (K-major by definition), B from shared memory MN-major (trans-b = 1).
+    __device__ __forceinline__ static void rs(float (&d)[32], const unsigned (&a)[4], unsigned long long db, int scale_d) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31"
+            "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+            :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+    }
+};
+
+template <> struct Wgmma<__nv_bfloat16, 64> {
+    // S-type GEMM: A and B from shared memory, both K-major (no transpose).
+    __device__ __forceinline__ static void ss(float (&d)[32], unsigned long long da, unsigned long long db, int scale_d) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31"
+            "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+            :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "l"(da), "l"(db), "r"(scale_d));
+    }
+    // PV-type GEMM: A from registers (K-major by definition), B from shared memory MN-major (trans-b = 1).
+    __device__ __forceinline__ static void rs(float (&d)[32], const unsigned (&a)[4], unsigned long long db, int scale_d) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31"
+            "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+            :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+    }
+};
+
+template <> struct Wgmma<__half, 128> {
+    // S-type GEMM: A and B from shared memory, both K-major (no transpose).
+    __device__ __forceinline__ static void ss(float (&d)[64], unsigned long long da, unsigned long long db, int scale_d) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, "
+      "%40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63"
+            "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+            :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(da), "l"(db), "r"(scale_d));
+    }
+    // PV-type GEMM: A from registers (K-major by definition), B from shared memory MN-major (trans-b = 1).
+    __device__ __forceinline__ static void rs(float (&d)[64], const unsigned (&a)[4], unsigned long long db, int scale_d) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, "
+      "%40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63"
+            "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+            :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+    }
+};
+
+template <> struct Wgmma<__nv_bfloat16, 128> {
+    // S-type GEMM: A and B from shared memory, both K-major (no transpose).
+    __device__ __forceinline__ static void ss(float (&d)[64], unsigned long long da, unsigned long long db, int scale_d) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, "
+      "%40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63"
+            "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+            :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(da), "l"(db), "r"(scale_d));
+    }
+    // PV-type GEMM: A from registers (K-major by definition), B from shared memory MN-major (trans-b = 1).
+    __device__ __forceinline__ static void rs(float (&d)[64], const unsigned (&a)[4], unsigned long long db, int scale_d) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, "
+      "%40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63"
+            "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+            :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+    }
+};
+
+template <> struct Wgmma<__half, 256> {
+    // PV-type GEMM only (N = head dim 256): A from registers, B MN-major from shared memory.
+    __device__ __forceinline__ static void rs(float (&d)[128], const unsigned (&a)[4], unsigned long long db, int scale_d) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, "
+      "%40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, "
+      "%72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, "
+      "%88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, "
+      "%104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, "
+      "%120, %121, %122, %123, %124, %125, %126, %127"
+            "}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"
+            :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+    }
+};
+
+template <> struct Wgmma<__nv_bfloat16, 256> {
+    // PV-type GEMM only (N = head dim 256): A from registers, B MN-major from shared memory.
+    __device__ __forceinline__ static void rs(float (&d)[128], const unsigned (&a)[4], unsigned long long db, int scale_d) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, "
+      "%40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, "
+      "%72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, "
+      "%88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, "
+      "%104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, "
+      "%120, %121, %122, %123, %124, %125, %126, %127"
+            "}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"
+            :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+    }
+};
+
+// ---- small helpers ----------------------------------------------------------------------------
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <> __device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);            // .x (low 16 bits) = lo
+    return *reinterpret_cast<unsigned*>(&h);
+}
+template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&h);
+}
+
+__device__ __forceinline__ float ex2(float x) {      // exp2(-inf) = 0
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float lg2(float x) {
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(count) : "memory");
+}
+
+// Shared-memory plan (byte offsets from a 1024-aligned base). The host repeats smem_bytes().
+template <int D, int BN, int STAGES>
+struct Plan {
+    static constexpr unsigned kChunks = D / 64;                 // 64-column (128-byte) chunks
+    static constexpr unsigned kQHalf = 64u * D * 2;             // one consumer's 64 Q rows
+    static constexpr unsigned kQ = 2 * kQHalf;
+    static constexpr unsigned kKV = unsigned(BN) * D * 2;       // one stage of K (or of V)
+    static constexpr unsigned kOffK = kQ;
+    static constexpr unsigned kOffV = kOffK + STAGES * kKV;
+    static constexpr unsigned kOffBar = kOffV + STAGES * kKV;
+    static constexpr unsigned kBars = 1 + 3 * STAGES;
+    static constexpr unsigned kBytes = kOffBar + 8 * kBars + 1024;   // + slack for aligning the base
+};
+
+// ---- consumer building blocks (one warpgroup, 64 query rows) ----------------------------------
+
+// Issues S = Q K^T for one key tile (not committed). sQw: this warpgroup's Q (64 x D),
+// sKs: the K stage (BN x D); both K-major, 128B swizzle, D/64 column chunks.
+template <typename T, int D, int BN>
+__device__ __forceinline__ void issue_qk(float (&sc)[BN / 2], unsigned sQw, unsigned sKs) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const unsigned long long da = make_desc(sQw + (kk / 4) * (64u * 128u) + (kk % 4) * 32u, 16u, 1024u);
+        const unsigned long long db = make_desc(sKs + (kk / 4) * (BN * 128u) + (kk % 4) * 32u, 16u, 1024u);
+        Wgmma<T, BN>::ss(sc, da, db, kk > 0 ? 1 : 0);
+    }
+}
+
+// Issues O += P V for one key tile (not committed). sVs: the V stage (BN keys x D), MN-major for
+// the B operand: 16 keys = 2048 bytes per k-step, column chunks BN*128 bytes apart (LBO).
+template <typename T, int D, int BN>
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const unsigned (&pa)[BN / 16][4], unsigned sVs) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+        const unsigned long long db = make_desc(sVs + kk * 2048u, BN * 128u, 1024u);
+        Wgmma<T, D>::rs(o, pa[kk], db, 1);
+    }
+}
+
+// Online softmax of one score tile in place: scale into the log2 domain, hide keys >= Lk and
+// (causal) keys above the diagonal, update the running max m_* and this thread's partial sums
+// l_*, leave exp2(x - max) in sc and return the factors that rescale the old accumulator.
+template <int BN>
+__device__ __forceinline__ void softmax_tile(float (&sc)[BN / 2], int key0, int Lk, int causal, int diag,
+                                             int wrow0, int r_lo, int t4, float scale_log2,
+                                             float& m_lo, float& m_hi, float& l_lo, float& l_hi,
+                                             float& corr_lo, float& corr_hi) {
+    const long long last_col = static_cast<long long>(key0) + BN - 1;
+    const bool need_mask = last_col >= Lk || (causal && last_col - wrow0 > diag);
+    if (need_mask) {
+        const int r_hi = r_lo + 8;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = key0 + 8 * j + 2 * t4 + (e & 1);
+                const int row = e < 2 ? r_lo : r_hi;
+                const bool hide = col >= Lk || (causal && col - row > diag);
+                sc[4 * j + e] = hide ? -INFINITY : sc[4 * j + e] * scale_log2;
+            }
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) sc[i] *= scale_log2;
+    }
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+        mx_lo = fmaxf(mx_lo, fmaxf(sc[4 * j + 0], sc[4 * j + 1]));
+        mx_hi = fmaxf(mx_hi, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+    }
+    mx_lo = quad_max(mx_lo);
+    mx_hi = quad_max(mx_hi);
+    const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
+    const float use_lo = new_lo == -INFINITY ? 0.f : new_lo;   // never (-inf) - (-inf)
+    const float use_hi = new_hi == -INFINITY ? 0.f : new_hi;
+    corr_lo = ex2(m_lo - use_lo);
+    corr_hi = ex2(m_hi - use_hi);
+    m_lo = new_lo;
+    m_hi = new_hi;
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+        sc[4 * j + 0] = ex2(sc[4 * j + 0] - use_lo);
+        sc[4 * j + 1] = ex2(sc[4 * j + 1] - use_lo);
+        sc[4 * j + 2] = ex2(sc[4 * j + 2] - use_hi);
+        sc[4 * j + 3] = ex2(sc[4 * j + 3] - use_hi);
+        sum_lo += sc[4 * j + 0] + sc[4 * j + 1];
+        sum_hi += sc[4 * j + 2] + sc[4 * j + 3];
+    }
+    l_lo = l_lo * corr_lo + sum_lo;
+    l_hi = l_hi * corr_hi + sum_hi;
+}
+
+template <int D>
+__device__ __forceinline__ void rescale(float (&o)[D / 2], float corr_lo, float corr_hi) {
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+        o[4 * j + 0] *= corr_lo;
+        o[4 * j + 1] *= corr_lo;
+        o[4 * j + 2] *= corr_hi;
+        o[4 * j + 3] *= corr_hi;
+    }
+}
+
+// P (accumulator layout) -> A-operand fragments. Key step kk covers columns 16kk..16kk+15, which
+// are accumulator chunks 2kk and 2kk+1, so the mapping is the identity on registers:
+//   a0 = row g, keys 2t..2t+1 (sc[8kk+0,1]); a1 = row g+8, same keys (sc[8kk+2,3]);
+//   a2 = row g, keys 2t+8..2t+9 (sc[8kk+4,5]); a3 = row g+8, same keys (sc[8kk+6,7]).
+template <typename T, int BN>
+__device__ __forceinline__ void to_a_frags(const float (&sc)[BN / 2], unsigned (&pa)[BN / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+        pa[kk][0] = pack2<T>(sc[8 * kk + 0], sc[8 * kk + 1]);
+        pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
+        pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
+        pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
+    }
+}
+
+}  // namespace sm90
+
+// ---------------------------------------------------------------------------------------------
+// The kernel. Grid: one block per (m-block, batch*q-head), flattened in blockIdx.x with (a) groups
+// of swz_bh consecutive (batch, head) pairs kept together for L2 reuse of K/V and (b) inside a
+// group the m-blocks from the last (heaviest under causal) to the first.
+//
+// Tensor maps are 5-D, innermost first: (D, L, H, B1, B0). A dimension that is broadcast (stride
+// 0) has extent 1 in the map and its coordinate forced to 0 by `bcast` (bits 0-2: q's H, B1, B0;
+// 3-5: k's; 6-8: v's). out is contiguous (B0, B1, Hq, Lq, D); lse (B0, B1, Hq, Lq) float32.
+template <typename T, int D, int BN, int STAGES, bool OVERLAP>
+__global__ void __launch_bounds__(sm90::kThreads, 1)
+flash_fwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_constant__ sm90::TmaMap tm_k,
+                      const __grid_constant__ sm90::TmaMap tm_v, T* __restrict__ out,
+                      float* __restrict__ lse_out, int Lq, int Lk, int Hq, int group, int nb1,
+                      int num_m_blocks, int num_bh, int swz_bh, int causal, int bcast, float scale_log2) {
+    using namespace sm90;
+    using P = Plan<D, BN, STAGES>;
+    static_assert(D % 64 == 0 && D >= 64 && D <= 256, "head dim: 64, 128, 192 or 256");
+    static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key tile");
+    static_assert(P::kBytes <= 227 * 1024, "shared memory");
+
+    extern __shared__ unsigned char smem_raw[];
+    const unsigned raw_addr = smem_u32(smem_raw);
+    const unsigned base = (raw_addr + 1023u) & ~1023u;
+    unsigned char* smem = smem_raw + (base - raw_addr);
+    const unsigned sQ = base, sK = base + P::kOffK, sV = base + P::kOffV;
+    const unsigned bar_q = base + P::kOffBar;
+    auto bar_full_k = [&](int s) { return bar_q + 8u * (1 + s); };
+    auto bar_full_v = [&](int s) { return bar_q + 8u * (1 + STAGES + s); };
+    auto bar_empty = [&](int s) { return bar_q + 8u * (1 + 2 * STAGES + s); };
+
+    // ---- which tile ----------------------------------------------------------------------------
+    const int bid = static_cast<int>(blockIdx.x);
+    const int per_group = swz_bh * num_m_blocks;
+    const int grp = bid / per_group;
+    const int rem = bid - grp * per_group;
+    const int gsize = min(swz_bh, num_bh - grp * swz_bh);
+    const int m_block = num_m_blocks - 1 - rem / gsize;
+    const int bh = grp * swz_bh + rem % gsize;
+    const int h = bh % Hq;
+    const int bb = bh / Hq;
+    const int b1 = bb % nb1, b0 = bb / nb1;
+    const int hk = h / group;
+    const int row0 = m_block * kBlockM;
+
+    long long k_end = Lk;
+    if (causal) {
+        const long long last_row_end = min(static_cast<long long>(row0) + kBlockM, static_cast<long long>(Lq));
+        k_end = min(k_end, last_row_end + Lk - Lq);
+    }
+    const int n_tiles = k_end > 0 ? static_cast<int>((k_end + BN - 1) / BN) : 0;
+
+    if (threadIdx.x == 0) {
+        mbar_init(bar_q, 1);
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(bar_full_k(s), 1);
+            mbar_init(bar_full_v(s), 1);
+            mbar_init(bar_empty(s), 2 * 128);   // every consumer thread arrives once per tile
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (threadIdx.x < 128) {
+        // =========================== producer warpgroup ===========================================
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kProducerRegs));
+        if (threadIdx.x == 0 && n_tiles > 0) {
+            tma_prefetch_map(&tm_q);
+            tma_prefetch_map(&tm_k);
+            tma_prefetch_map(&tm_v);
+            const int qh = (bcast & 1) ? 0 : h, qb1 = (bcast & 2) ? 0 : b1, qb0 = (bcast & 4) ? 0 : b0;
+            const int kh = (bcast & 8) ? 0 : hk, kb1 = (bcast & 16) ? 0 : b1, kb0 = (bcast & 32) ? 0 : b0;
+            const int vh = (bcast & 64) ? 0 : hk, vb1 = (bcast & 128) ? 0 : b1, vb0 = (bcast & 256) ? 0 : b0;
+
+            mbar_arrive_expect_tx(bar_q, P::kQ);
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+#pragma unroll
+                for (int c = 0; c < static_cast<int>(P::kChunks); ++c)
+                    tma_load_5d(sQ + half * P::kQHalf + c * (64u * 128u), &tm_q, bar_q,
+                                c * 64, row0 + half * 64, qh, qb1, qb0);
+
+#pragma unroll 1
+            for (int it = 0; it < n_tiles; ++it) {
+                const int s = it % STAGES;
+                const unsigned phase = static_cast<unsigned>(it / STAGES) & 1u;
+                const int key0 = (n_tiles - 1 - it) * BN;
+                mbar_wait(bar_empty(s), phase ^ 1u);
+                mbar_arrive_expect_tx(bar_full_k(s), P::kKV);
+#pragma unroll
+                for (int c = 0; c < static_cast<int>(P::kChunks); ++c)
+                    tma_load_5d(sK + s * P::kKV + c * (BN * 128u), &tm_k, bar_full_k(s),
+                                c * 64, key0, kh, kb1, kb0);
+                mbar_arrive_expect_tx(bar_full_v(s), P::kKV);
+#pragma unroll
+                for (int c = 0; c < static_cast<int>(P::kChunks); ++c)
+                    tma_load_5d(sV + s * P::kKV + c * (BN * 128u), &tm_v, bar_full_v(s),
+                                c * 64, key0, vh, vb1, vb0);
+            }
+        }
+    } else {
+        // =========================== consumer warpgroups ==========================================
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kConsumerRegs));
+        const int ct = static_cast<int>(threadIdx.x) - 128;
+        const int w = ct >> 7;                  // which consumer warpgroup (0, 1)
+        const int tw = ct & 127;
+        const int warp = tw >> 5, lane = tw & 31;
+        const int g = lane >> 2, t4 = lane & 3;
+        const int wrow0 = row0 + w * 64;        // first query row of this warpgroup
+        const int r_lo = wrow0 + warp * 16 + g; // this thread's rows: r_lo and r_lo + 8
+        const int r_hi = r_lo + 8;
+        const unsigned sQw = sQ + w * P::kQHalf;
+        const int diag = Lk - Lq;               // key j visible to row i iff j - i <= diag (causal)
+
+        float o[D / 2];
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+        float m_lo = -INFINITY, m_hi = -INFINITY;   // running max, log2-scaled units
+        float l_lo = 0.f, l_hi = 0.f;               // running sum, this thread's columns only
+
+        if (n_tiles > 0) {
+            mbar_wait(bar_q, 0);
+            float sc[BN / 2];
+            unsigned pa[BN / 16][4];
+            float corr_lo, corr_hi;
+            if constexpr (!OVERLAP) {
+                // Plain order per tile: S GEMM, wait, softmax, PV GEMM, wait, release the stage.
+#pragma unroll 1
+                for (int it = 0; it < n_tiles; ++it) {
+                    const int s = it % STAGES;
+                    const unsigned phase = static_cast<unsigned>(it / STAGES) & 1u;
+                    mbar_wait(bar_full_k(s), phase);
+                    wgmma_fence();
+                    issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    fence_regs(sc);
+                    softmax_tile<BN>(sc, (n_tiles - 1 - it) * BN, Lk, causal, diag, wrow0, r_lo, t4,
+                                     scale_log2, m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
+                    rescale<D>(o, corr_lo, corr_hi);
+                    to_a_frags<T, BN>(sc, pa);
+                    mbar_wait(bar_full_v(s), phase);
+                    fence_regs(o);
+                    wgmma_fence();
+                    issue_pv<T, D, BN>(o, pa, sV + s * P::kKV);
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    fence_regs(o);
+                    mbar_arrive(bar_empty(s));   // this thread is done reading stage s
+                }
+            } else {
+                // Overlapped: the S GEMM of tile i and the PV GEMM of tile i-1 are issued together;
+                // the softmax of tile i runs while the PV GEMM is still on the tensor cores.
+                // Tile 0: S GEMM and softmax alone (O is zero, nothing to rescale).
+                mbar_wait(bar_full_k(0), 0);
+                wgmma_fence();
+                issue_qk<T, D, BN>(sc, sQw, sK);
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_regs(sc);
+                softmax_tile<BN>(sc, (n_tiles - 1) * BN, Lk, causal, diag, wrow0, r_lo, t4,
+                                 scale_log2, m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
+                to_a_frags<T, BN>(sc, pa);
+#pragma unroll 1
+                for (int it = 1; it < n_tiles; ++it) {
+                    const int s = it % STAGES;
+                    const unsigned phase = static_cast<unsigned>(it / STAGES) & 1u;
+                    const int sp = (it - 1) % STAGES;
+                    const unsigned phase_p = static_cast<unsigned>((it - 1) / STAGES) & 1u;
+                    mbar_wait(bar_full_k(s), phase);
+                    mbar_wait(bar_full_v(sp), phase_p);
+                    fence_regs(o);
+                    wgmma_fence();
+                    issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);     // group 1: S_i
+                    wgmma_commit();
+                    issue_pv<T, D, BN>(o, pa, sV + sp * P::kKV);     // group 2: O += P_{i-1} V_{i-1}
+                    wgmma_commit();
+                    wgmma_wait<1>();                                 // S_i done, PV may still run
+                    fence_regs(sc);
+                    softmax_tile<BN>(sc, (n_tiles - 1 - it) * BN, Lk, causal, diag, wrow0, r_lo, t4,
+                                     scale_log2, m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
+                    wgmma_wait<0>();                                 // PV_{i-1} done: pa, o free
+                    fence_regs(o);
+                    mbar_arrive(bar_empty(sp));
+                    rescale<D>(o, corr_lo, corr_hi);
+                    to_a_frags<T, BN>(sc, pa);
+                }
+                const int sl = (n_tiles - 1) % STAGES;
+                mbar_wait(bar_full_v(sl), static_cast<unsigned>((n_tiles - 1) / STAGES) & 1u);
+                fence_regs(o);
+                wgmma_fence();
+                issue_pv<T, D, BN>(o, pa, sV + sl * P::kKV);
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_regs(o);
+                mbar_arrive(bar_empty(sl));
+            }
+        }
+
+        // ---- epilogue: normalise, stage through this warpgroup's Q buffer, 16-byte stores ------
+        l_lo = quad_sum(l_lo);
+        l_hi = quad_sum(l_hi);
+        const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f;
+        const float inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
+        const float lse_lo = l_lo > 0.f ? (m_lo + lg2(l_lo)) * kLn2 : -INFINITY;
+        const float lse_hi = l_hi > 0.f ? (m_hi + lg2(l_hi)) * kLn2 : -INFINITY;
+
+        named_bar_sync(1 + w, 128);   // all four warps are past their last wgmma reading sQw
+        unsigned char* stage = smem + w * P::kQHalf;
+        const int rl = warp * 16 + g, rh = rl + 8;   // rows inside the 64-row staging tile
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            // 16-byte unit j of a row is stored at unit j ^ (row % 8): conflict-free both ways
+            *reinterpret_cast<unsigned*>(stage + rl * (D * 2) + ((j ^ (rl & 7)) * 16) + 4 * t4) =
+                pack2<T>(o[4 * j + 0] * inv_lo, o[4 * j + 1] * inv_lo);
+            *reinterpret_cast<unsigned*>(stage + rh * (D * 2) + ((j ^ (rh & 7)) * 16) + 4 * t4) =
+                pack2<T>(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
+        }
+        named_bar_sync(1 + w, 128);
+
+        const long long row_base = static_cast<long long>(bh) * Lq;
+        constexpr int kUnits = D / 8;
+#pragma unroll 4
+        for (int idx = tw; idx < 64 * kUnits; idx += 128) {
+            const int r = idx / kUnits, c = idx % kUnits;
+            const int row = wrow0 + r;
+            if (row < Lq) {
+                const uint4 val = *reinterpret_cast<const uint4*>(stage + r * (D * 2) + ((c ^ (r & 7)) * 16));
+                *reinterpret_cast<uint4*>(out + (row_base + row) * D + c * 8) = val;
+            }
+        }
+        if (t4 == 0) {
+            if (r_lo < Lq) lse_out[row_base + r_lo] = lse_lo;
+            if (r_hi < Lq) lse_out[row_base + r_hi] = lse_hi;
+        }
+    }
+}

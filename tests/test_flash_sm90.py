@@ -1,0 +1,192 @@
+"""The Hopper (sm_90a) flash forward kernel, called directly (cupyattn._flash_sm90.forward), so that
+a fallback to another kernel cannot pass for it. GPU tests skip where the device is not sm_90."""
+import functools
+
+import numpy as np
+import pytest
+
+import cupyattn
+from cupyattn import _flash_sm90
+from cupyattn._problem import BFLOAT16, FLOAT16, FLOAT32, normalize
+from helpers import allowed_error
+from reference import as_float64, reference_attention, rel_error
+
+
+def _sm90_missing():
+    try:
+        import cupy
+        cc = cupy.cuda.Device(0).compute_capability
+    except Exception as exc:  # no CuPy, no driver, no device
+        return f"no CUDA device ({type(exc).__name__})"
+    return None if cc == "90" else f"needs an sm_90 GPU, device is sm_{cc}"
+
+
+SM90_MISSING = _sm90_missing()
+sm90_only = pytest.mark.skipif(SM90_MISSING is not None, reason=f"sm90 kernel: {SM90_MISSING}")
+
+SHAPES = [(113, 203), (128, 217), (256, 512), (512, 256), (1023, 1024), (1, 239), (2048, 2048)]
+HEADS_Q = 4
+DTYPES = [pytest.param(BFLOAT16, id="bf16"), pytest.param(FLOAT16, id="fp16")]
+
+
+def _inputs(shape_q, shape_k, dtype, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal(shape_q, dtype=np.float32).astype(dtype)
+    k = rng.standard_normal(shape_k, dtype=np.float32).astype(dtype)
+    v = rng.standard_normal(shape_k, dtype=np.float32).astype(dtype)
+    return q, k, v
+
+
+@functools.lru_cache(maxsize=16)
+def _grid_case(lq, lk, d, gqa, causal, batch):
+    """Inputs exactly representable in both bfloat16 and float16 (bfloat16 values, tiny ones
+    flushed to 0), so one float64 reference serves both dtypes."""
+    q, k, v = _inputs((batch, HEADS_Q, lq, d), (batch, HEADS_Q // gqa, lk, d), BFLOAT16,
+                      seed=lq * 7919 + lk * 31 + d + gqa)
+    q, k, v = (np.where(np.abs(a.astype(np.float32)) < 2.0**-14, 0, a).astype(BFLOAT16) for a in (q, k, v))
+    return (q, k, v), reference_attention(q, k, v, causal=causal)
+
+
+def _run(q, k, v, causal, scale=None, overlap=None):
+    problem = normalize(q, k, v, causal=causal, scale=scale)
+    assert _flash_sm90.supports(problem) == []
+    return _flash_sm90.forward(problem, poison=True, overlap=overlap)
+
+
+def _check(q, k, v, out, lse, causal, scale=None, ref=None):
+    """Output within the tolerance rule (relative to eager's error), lse close, hidden rows 0."""
+    import cupy
+    ref_out, ref_lse = reference_attention(q, k, v, causal=causal, scale=scale) if ref is None else ref
+    out_h, lse_h = as_float64(out), as_float64(lse)
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert np.isfinite(out_h).all(), "NaN/inf in the output (unwritten rows keep the NaN poison)"
+    eager = cupyattn.attention(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), causal=causal,
+                               scale=scale, backend="eager")
+    dtype = np.dtype(q.dtype)
+    err, eager_err = rel_error(out_h, ref_out), rel_error(eager, ref_out)
+    assert err <= allowed_error(eager_err, dtype), (err, eager_err)
+    hidden = np.isneginf(ref_lse)
+    assert np.array_equal(np.isneginf(lse_h), hidden), "lse must be -inf exactly on rows that see no key"
+    assert not np.isnan(lse_h).any()
+    assert (out_h[hidden] == 0).all(), "rows that see no key must be 0"
+    seen = ~hidden
+    if seen.any():
+        lse_err = np.abs(lse_h[seen] - ref_lse[seen]) / np.maximum(1.0, np.abs(ref_lse[seen]))
+        assert lse_err.max() <= 2e-3, lse_err.max()
+
+
+@pytest.mark.gpu
+@sm90_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gqa", [1, 4])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("lq,lk", SHAPES)
+def test_shape_grid(lq, lk, d, causal, gqa, dtype):
+    import cupy
+    batch = 2 if lq * lk <= 512 * 512 else 1
+    base, ref = _grid_case(lq, lk, d, gqa, causal, batch)
+    qn, kn, vn = (a.astype(dtype) for a in base)   # exact
+    q, k, v = cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn)
+    out, lse = _run(q, k, v, causal)
+    assert out.dtype == dtype and lse.dtype == FLOAT32
+    _check(qn, kn, vn, out, lse, causal, ref=ref)
+    out2, lse2 = _run(q, k, v, causal)
+    assert np.array_equal(cupy.asnumpy(out).view(np.uint16), cupy.asnumpy(out2).view(np.uint16)), \
+        "same inputs, different bits"
+    assert np.array_equal(cupy.asnumpy(lse).view(np.uint32), cupy.asnumpy(lse2).view(np.uint32))
+
+
+@pytest.mark.gpu
+@sm90_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("lq,lk", [(113, 203), (1, 239), (512, 256), (1023, 1024)])
+def test_plain_loop(lq, lk, d, causal, dtype):
+    """The non-overlapped consumer loop (overlap=False), kept as the simple reference variant."""
+    import cupy
+    qn, kn, vn = _inputs((2, HEADS_Q, lq, d), (2, 1, lk, d), dtype, seed=lq + lk + d)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, overlap=False)
+    _check(qn, kn, vn, out, lse, causal)
+
+
+@pytest.mark.gpu
+@sm90_only
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "plain"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_strided_and_broadcast_layouts(causal, overlap):
+    """Inputs read in place: a (B, L, H, D) tensor viewed as (B, H, L, D), K/V broadcast over a
+    batch axis (stride 0), three batch axes (the leading ones looped on the host), a scale."""
+    import cupy
+    dtype, d = BFLOAT16, 128
+    # (B, L, H, D) storage viewed as (B, H, L, D)
+    qn, kn, vn = _inputs((2, 300, 4, d), (2, 333, 2, d), dtype, seed=1)
+    q, k, v = (cupy.asarray(a).transpose(0, 2, 1, 3) for a in (qn, kn, vn))
+    out, lse = _run(q, k, v, causal, scale=0.3, overlap=overlap)
+    _check(*(a.transpose(0, 2, 1, 3) for a in (qn, kn, vn)), out, lse, causal, scale=0.3)
+    # K/V shared by every batch entry: (1, H, L, D) against q (3, H, L, D)
+    qn, kn, vn = _inputs((3, 4, 200, d), (1, 2, 250, d), dtype, seed=2)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, overlap=overlap)
+    _check(qn, kn, vn, out, lse, causal)
+    # three batch axes that cannot merge (k, v broadcast along the middle one)
+    qn, kn, vn = _inputs((2, 3, 2, 2, 130, 64), (2, 1, 2, 1, 140, 64), dtype, seed=3)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, overlap=overlap)
+    _check(qn, kn, vn, out, lse, causal)
+    # negative scale: the running max must be taken of the scaled scores
+    qn, kn, vn = _inputs((1, 2, 100, 64), (1, 2, 180, 64), FLOAT16, seed=4)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, scale=-0.2, overlap=overlap)
+    _check(qn, kn, vn, out, lse, causal, scale=-0.2)
+
+
+@pytest.mark.gpu
+@sm90_only
+@pytest.mark.parametrize("width", [None, 3, 1])
+def test_many_heads_and_batches(width, monkeypatch):
+    """Many (batch, head) pairs; block order grouped `width` pairs at a time (296 % 3 != 0 leaves a
+    partial last group), so every block must still find its own tile."""
+    import cupy
+    monkeypatch.setattr(_flash_sm90, "SWIZZLE_WIDTH", width)
+    qn, kn, vn = _inputs((37, 8, 300, 64), (37, 2, 310, 64), FLOAT16, seed=5)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), True)
+    _check(qn, kn, vn, out, lse, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: no compilation, only the reasons the kernel gives for NumPy inputs and the spec list
+
+def test_supports_reasons_cpu():
+    q = np.zeros((2, 4, 100, 128), np.float16)
+    k = np.zeros((2, 2, 50, 128), np.float16)
+    only_numpy = _flash_sm90.supports(normalize(q, k, k))
+    assert len(only_numpy) == 1 and "NumPy" in only_numpy[0]
+
+    def why(*args, **kw):
+        return " | ".join(_flash_sm90.supports(normalize(*args, **kw)))
+
+    assert "dtype float32" in why(q.astype(np.float32), k.astype(np.float32), k.astype(np.float32))
+    assert "head dim 96" in why(q[..., :96], k[..., :96], k[..., :96])
+    assert "D=128 != Dv=64" in why(q, k, k[..., :64])
+    assert "mask" in why(q, k, k, mask=np.ones((100, 50), bool))
+    assert "last axis is not contiguous" in why(q[..., ::2], k[..., ::2], k[..., ::2])
+    # rows of 68 elements (136 bytes): the L stride is not a multiple of 16 bytes
+    wide = np.zeros((2, 4, 100, 68), np.float16)[..., :64]
+    assert "q's L stride (136 bytes) is not a multiple of 16" in why(wide, k[..., :64], k[..., :64])
+    # base address 2 bytes past an aligned one
+    flat = np.zeros(2 * 4 * 100 * 128 + 1, np.float16)
+    shifted = flat[1:].reshape(2, 4, 100, 128)
+    assert "q's base address is not 16-byte aligned" in why(shifted, k, k)
+    # broadcast along the sequence axis cannot be a tensor map
+    kb = np.broadcast_to(np.zeros((2, 2, 1, 128), np.float16), (2, 2, 50, 128))
+    assert "k is broadcast along its sequence axis" in why(q, kb, k)
+    # a broadcast batch axis is fine (extent-1 map dim), only NumPy is reported
+    qb = np.broadcast_to(q[:1], q.shape)
+    assert why(qb, k, k) == only_numpy[0]
+
+
+def test_kernel_specs_cpu():
+    specs = _flash_sm90.kernel_specs()
+    assert len(specs) == 2 * 2 * len(_flash_sm90.HEAD_DIMS)   # dtypes x {overlap, plain}
+    assert all(s.hopper_only and s.source == "flash_fwd_sm90.cu" for s in specs)
+    assert all(_flash_sm90.smem_bytes(d) <= 227 * 1024 for d in _flash_sm90.HEAD_DIMS)
+    assert set(_flash_sm90.HEAD_DIMS) >= {64, 128, 256}
