@@ -198,6 +198,10 @@ class FlashBackend(Backend):
         """Why the Hopper (wgmma + TMA) forward kernel does not run this problem (empty = it does)."""
         if not HOPPER_KERNEL:
             return ["switched off (cupyattn._flash.HOPPER_KERNEL = False)"]
+        if problem.len_q <= DECODE_MAX_LQ:
+            # 128-row query tiles would sit mostly empty; the sm80 kernel's decode path packs the
+            # query heads of a group and splits the keys over blocks instead
+            return [f"Lq={problem.len_q} <= {DECODE_MAX_LQ}: the decode path (split-KV) is faster"]
         return _flash_sm90.supports(problem)
 
     def forward_reasons(self, problem):
