@@ -6,7 +6,6 @@
 """
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -22,7 +21,6 @@ def _compile_one(spec_arch):
 def compile_all(archs=("sm_80", "sm_90a")):
     from concurrent.futures import ProcessPoolExecutor   # NVRTC's lazy library loading races in threads
     from cupyattn._flash import FlashBackend
-    from cupyattn._kernels import compile_offline
     jobs = [(s, a) for s in FlashBackend().kernel_specs() for a in archs]
     bad = 0
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 2) as pool:

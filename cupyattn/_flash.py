@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _flash_bwd, _flash_sm90
 from ._kernels import KernelSpec
+from ._layout import collapse_batch as _collapse_batch, device_props as _device_props, elem_strides as _elem_strides
 from ._problem import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, Problem, dtype_name
 from ._registry import Backend
 
@@ -69,37 +70,8 @@ def merge_spec(dtype) -> KernelSpec:
     return KernelSpec(SOURCE, f"flash_merge_kernel<{_CTYPES[np.dtype(dtype)]}>")
 
 
-def _device_props(device_id):
-    import cupy
-    cc = cupy.cuda.Device(device_id).compute_capability
-    major, minor = int(cc[:-1]), int(cc[-1])
-    rt = cupy.cuda.runtime
-    smem = rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id)
-    sms = rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, device_id)
-    return major, minor, smem, sms
-
-
 # ---------------------------------------------------------------------------------------------
 # Launch planning (shared by notes and forward so explain says what forward does)
-
-def _elem_strides(a) -> Tuple[int, ...]:
-    return tuple(s // a.itemsize for s in a.strides)
-
-
-def _collapse_batch(shape, strides_per_tensor):
-    """Drop size-1 batch dims and merge adjacent dims whose strides allow it, for all tensors at
-    once. Returns [(size, [stride per tensor])], outermost first."""
-    merged = []
-    for i, n in enumerate(shape):
-        if n == 1:
-            continue
-        st = [s[i] for s in strides_per_tensor]
-        if merged and all(ps == s * n for ps, s in zip(merged[-1][1], st)):
-            merged[-1] = (merged[-1][0] * n, st)
-        else:
-            merged.append((n, st))
-    return merged
-
 
 @dataclass
 class _Plan:
@@ -281,7 +253,6 @@ class FlashBackend(Backend):
         import cupy
         from ._kernels import get_function, set_dynamic_shared_memory
 
-        xp = problem.xp
         plan = _plan(problem, _sms_or_none(problem), materialize=True)
         hq, lq, lk = problem.num_heads_q, problem.len_q, problem.len_k
         d, dv = problem.head_dim, problem.head_dim_v

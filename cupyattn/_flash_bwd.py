@@ -23,6 +23,7 @@ from typing import List, Tuple
 import numpy as np
 
 from ._kernels import KernelSpec
+from ._layout import collapse_batch as _collapse_batch, device_props as _device_props, elem_strides as _elem_strides
 from ._problem import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, Problem, dtype_name
 
 SOURCE = "flash_bwd.cu"
@@ -115,34 +116,6 @@ def kernel_specs() -> List[KernelSpec]:
 # Launch planning helpers (same conventions as _flash.py; kept here so the two files move apart
 # freely)
 
-def _device_props(device_id):
-    import cupy
-    cc = cupy.cuda.Device(device_id).compute_capability
-    major, minor = int(cc[:-1]), int(cc[-1])
-    rt = cupy.cuda.runtime
-    smem = rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id)
-    return major, minor, smem
-
-
-def _elem_strides(a) -> Tuple[int, ...]:
-    return tuple(s // a.itemsize for s in a.strides)
-
-
-def _collapse_batch(shape, strides_per_tensor):
-    """Drop size-1 batch dims and merge adjacent dims whose strides allow it, for all tensors at
-    once. Returns [(size, [stride per tensor])], outermost first."""
-    merged = []
-    for i, n in enumerate(shape):
-        if n == 1:
-            continue
-        st = [s[i] for s in strides_per_tensor]
-        if merged and all(ps == s * n for ps, s in zip(merged[-1][1], st)):
-            merged[-1] = (merged[-1][0] * n, st)
-        else:
-            merged.append((n, st))
-    return merged
-
-
 def _levels(problem: Problem, tensors):
     nb = len(problem.batch_shape)
     return _collapse_batch(problem.batch_shape, [_elem_strides(t)[:nb] for t in tensors])
@@ -172,7 +145,7 @@ def backward_reasons(problem: Problem) -> List[str]:
     if max(problem.len_q, problem.len_k) > _INT32_LIMIT:
         why.append("sequence length past 2^31 keys or queries")
     try:
-        major, minor, smem = _device_props(problem.device_id)
+        major, minor, smem, _ = _device_props(problem.device_id)
     except Exception as exc:   # no driver or no device
         why.append(f"cannot query the CUDA device ({type(exc).__name__})")
         return why

@@ -24,6 +24,7 @@ from typing import List, Tuple
 import numpy as np
 
 from ._kernels import KernelSpec, get_function, set_dynamic_shared_memory
+from ._layout import collapse_batch as _collapse_batch
 from ._problem import BFLOAT16, FLOAT16, Problem, dtype_name
 
 SOURCE = "flash_fwd_sm90.cu"
@@ -208,22 +209,8 @@ def encode_tensor_map(address: int, dtype, dims, strides_bytes, box) -> np.ndarr
 
 
 # ---------------------------------------------------------------------------------------------
-# Batch axes: collapse what the three inputs allow, then split into (looped, B0, B1)
-
-def _collapse_batch(batch_shape, stride_lists):
-    """[(extent, (q_stride, k_stride, v_stride))] for the batch axes, outer first, with extent-1
-    axes dropped and neighbours merged where every tensor's strides allow it."""
-    axes = [(n, tuple(s[i] for s in stride_lists)) for i, n in enumerate(batch_shape) if n != 1]
-    merged = []
-    for n, st in axes:
-        if merged:
-            pn, pst = merged[-1]
-            if all(ps == s * n for ps, s in zip(pst, st)):
-                merged[-1] = (pn * n, st)
-                continue
-        merged.append((n, st))
-    return merged
-
+# Batch axes: collapse what the three inputs allow (_layout.collapse_batch), then split into
+# (looped, B0, B1)
 
 def _dim_entry(extent, stride, placeholder):
     """(extent, stride, broadcast?) of one map dim: stride-0 axes become extent 1."""

@@ -3,7 +3,7 @@
 A `Case` holds only sizes and flags; `make_inputs` draws the arrays from a seeded generator, which
 is much faster than letting hypothesis generate array contents element by element.
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import numpy as np

@@ -241,7 +241,6 @@ def test_misaligned_and_many_batch_levels():
 
 @pytest.mark.gpu
 def test_batch_heads_past_65535():
-    cp = _cp()
     case = Case(batch=(600,), heads_q=120, heads_kv=120, len_q=5, len_k=9, head_dim=16, head_dim_v=16,
                 dtype=FLOAT16, causal=True)
     check(case, ref_on_gpu=True)

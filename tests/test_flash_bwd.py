@@ -150,7 +150,6 @@ def test_fully_masked_rows_give_zero_gradients():
 
 def test_causal_rows_that_see_nothing():
     # Lq > Lk with bottom-right causal: the first Lq - Lk queries see no key at all
-    import cupy
     case = Case(batch=(1,), heads_q=2, heads_kv=2, len_q=300, len_k=100, head_dim=64, head_dim_v=64,
                 dtype=np.dtype(np.float16), causal=True, seed=4)
     for deterministic in (False, True):

@@ -1,5 +1,4 @@
 """cupyattn.torch: autograd through DLPack, on CPU tensors (NumPy path) and CUDA tensors."""
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (optional extra 'torch')")

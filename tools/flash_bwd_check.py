@@ -12,7 +12,6 @@
    cuDNN on the same inputs through DLPack. Tokens B*L = 16384, H*D = 2048.
 The full compile table goes to $OUT/flash_bwd_compile.txt when $OUT is set.
 """
-import math
 import os
 import sys
 import time
