@@ -10,7 +10,12 @@ query head), sized so the chunk's intermediates fit the workspace budget. Per ch
 
 P is stored in the input dtype (for half inputs that is what the P V product on tensor cores
 consumes; cuBLAS needs both operands in one type, and it halves P's memory), scores and lse in the
-accumulation dtype. Causal chunks of rows stop at the last key their last row can see.
+accumulation dtype; O_c is written by the P V product itself (float32 accumulation inside cuBLAS,
+one rounding to the output dtype). Score rows have a pitch of a multiple of 8 elements
+(`row_pitch`), so the fused kernels use 16-byte vector loads.
+Causal problems are cut into tiles of rows along the diagonal (several heads each, `row_tile`), and
+a tile's products and softmax stop at the last key its last row can see, so the work above the
+diagonal is mostly skipped.
 GQA: K/V are never repeated; the G query heads of one kv head are a broadcast (stride 0) batch
 axis of the GEMM, folded into its rows when the layout allows.
 
@@ -104,16 +109,23 @@ def p_dtype(problem: Problem) -> np.dtype:
     return problem.dtype
 
 
+ROW_ALIGN = 8                     # score rows start every multiple of 8 elements (16-byte vectors)
+
+
+def row_pitch(n: int) -> int:
+    """Elements between consecutive score rows of a chunk with n keys."""
+    return -(-n // ROW_ALIGN) * ROW_ALIGN
+
+
 def bytes_per_row(problem: Problem, direction: str) -> int:
-    """Workspace bytes one query row of a chunk needs (scores over all Lk keys)."""
+    """Workspace bytes one query row of a chunk needs (scores over all Lk keys, padded pitch)."""
     cs = problem.compute_dtype.itemsize
     ps = p_dtype(problem).itemsize
     half = problem.dtype in HALF_DTYPES
-    lk = problem.len_k
+    lk = row_pitch(problem.len_k)
     if direction == "forward":
-        # S (accumulation dtype); P separate for half inputs (else written over S); for half
-        # inputs the output row is accumulated in float32 before the cast.
-        return lk * cs + (lk * ps + problem.head_dim_v * cs if half else 0)
+        # S (accumulation dtype); P separate for half inputs (else written over S)
+        return lk * cs + (lk * ps if half else 0)
     # S then dP (accumulation dtype) and P then dS (input dtype; a second accumulation-dtype
     # buffer when P is written over S).
     return lk * (cs + ps)
@@ -132,24 +144,48 @@ def workspace_bytes_used(problem: Problem, direction: str, budget: Optional[int]
 
 Chunk = Tuple[int, int, int, int, int, int]   # kv heads h0:h1, groups g0:g1, rows r0:r1
 
+CAUSAL_TILES = 8                  # a causal chunk covers about 1/8 of the rows (work ~ 9/16 of full)
+MIN_CAUSAL_TILE = 256             # rows; smaller tiles make the products too thin
+CAUSAL_TILE_ALIGN = 64            # tile rows are a multiple of this (whole GEMM tiles)
 
-def iter_chunks(num_heads_kv: int, group: int, len_q: int, rows: int) -> Iterator[Chunk]:
-    """Rectangular chunks of at most `rows` query rows covering (Hkv, G, Lq) of one batch element."""
-    per_head = group * len_q
+
+def row_tile(problem: Problem) -> int:
+    """Query rows per tile: all of them, or for causal problems a slice of the diagonal so that a
+    chunk's key range (up to its last row's last visible key) skips most of the upper triangle."""
+    lq = problem.len_q
+    if not problem.causal or lq <= MIN_CAUSAL_TILE:
+        return max(1, lq)
+    per_tile = -(-lq // CAUSAL_TILES)
+    tile = max(MIN_CAUSAL_TILE, -(-per_tile // CAUSAL_TILE_ALIGN) * CAUSAL_TILE_ALIGN)
+    return min(lq, tile)
+
+
+def iter_chunks(num_heads_kv: int, group: int, len_q: int, rows: int,
+                tile: Optional[int] = None) -> Iterator[Chunk]:
+    """Rectangular chunks of at most `rows` query rows covering (Hkv, G, Lq) of one batch element.
+
+    Rows are cut in tiles of `tile` rows (default all); a chunk holds whole tiles of several kv
+    heads, or of several groups of one kv head, or a part of one tile of one query head."""
+    tile = len_q if tile is None else max(1, min(tile, len_q))
+    per_head = group * tile
     if rows >= per_head:
         step = rows // per_head
         for h0 in range(0, num_heads_kv, step):
-            yield h0, min(h0 + step, num_heads_kv), 0, group, 0, len_q
-    elif rows >= len_q:
-        step = rows // len_q
+            for r0 in range(0, len_q, tile):
+                yield h0, min(h0 + step, num_heads_kv), 0, group, r0, min(r0 + tile, len_q)
+    elif rows >= tile:
+        step = rows // tile
         for h in range(num_heads_kv):
             for g0 in range(0, group, step):
-                yield h, h + 1, g0, min(g0 + step, group), 0, len_q
+                for r0 in range(0, len_q, tile):
+                    yield h, h + 1, g0, min(g0 + step, group), r0, min(r0 + tile, len_q)
     else:
         for h in range(num_heads_kv):
             for g in range(group):
-                for r0 in range(0, len_q, rows):
-                    yield h, h + 1, g, g + 1, r0, min(r0 + rows, len_q)
+                for t0 in range(0, len_q, tile):
+                    t1 = min(t0 + tile, len_q)
+                    for r0 in range(t0, t1, rows):
+                        yield h, h + 1, g, g + 1, r0, min(r0 + rows, t1)
 
 
 def visible_keys(problem: Problem, r1: int) -> int:
@@ -244,9 +280,34 @@ def all_specs() -> List[KernelSpec]:
     return specs + [dscores_spec(d) for d in _CUDA_TYPES]
 
 
-def _threads(n: int) -> int:
-    """Block size for a row of n elements: a multiple of 32, about 4 elements per thread, <= 512."""
-    return int(min(512, max(32, 32 * math.ceil(n / 4 / 32))))
+VECTORS_PER_THREAD = 4            # 16-byte vectors each thread of a row handles (about)
+MAX_ROW_THREADS = 512
+BLOCK_THREADS = 256               # short rows: several rows per block of this many threads
+
+
+def launch_shape(n: int, itemsize: int) -> Tuple[int, int, int]:
+    """(threads per row, rows per block, 16-byte vectors per row) for rows of n accumulation-type
+    elements: a power of two of threads per row (4..512) giving each about 4 vectors."""
+    vectors = max(1, -(-n * itemsize // 16))
+    tpr = 4
+    while tpr < MAX_ROW_THREADS and tpr * VECTORS_PER_THREAD < vectors:
+        tpr *= 2
+    return tpr, max(1, BLOCK_THREADS // tpr), vectors
+
+
+_smem_limits = {}
+
+
+def resident_smem_limit(device_id: int) -> int:
+    """Dynamic shared memory a softmax block may use to keep its rows resident (one read of S)."""
+    if device_id not in _smem_limits:
+        import cupy
+        try:
+            optin = int(cupy.cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"])
+        except Exception:  # attribute missing: the portable 48 KB
+            optin = 48 * 1024
+        _smem_limits[device_id] = max(0, min(optin - 2048, 200 * 1024))
+    return _smem_limits[device_id]
 
 
 def _ptr(a) -> int:
@@ -267,6 +328,7 @@ class _CupySteps:
         self.problem = problem
         self.ct = problem.compute_dtype
         self.c_type = _CUDA_TYPES[self.ct][1]
+        self.smem_limit = resident_smem_limit(cupy.cuda.Device().id)
         self.compute = cublas.CUBLAS_COMPUTE_64F if self.ct == FLOAT64 else cublas.CUBLAS_COMPUTE_32F
         self.one = np.ones((), self.ct)
         self.zero = np.zeros((), self.ct)
@@ -348,6 +410,7 @@ class _CupySteps:
         la, lb = self._layout((M, K), ma), self._layout((K, N), mb)
         ldc = mc[0] if M > 1 else max(N, 1)
         a_t, b_t = _CUDA_TYPES[np.dtype(a.dtype)][1], _CUDA_TYPES[np.dtype(b.dtype)][1]
+        c_t = _CUDA_TYPES[np.dtype(c.dtype)][1]     # the output dtype (half: rounded once by cuBLAS)
         beta = self.one if accumulate else self.zero
         handle = cp.cuda.device.get_cublas_handle()
         for idx in np.ndindex(*[m[0] for m in merged]):
@@ -360,7 +423,7 @@ class _CupySteps:
                 _ptr(b) + ob * b.itemsize, b_t, lb[1], str_b,
                 _ptr(a) + oa * a.itemsize, a_t, la[1], str_a,
                 beta.ctypes.data,
-                _ptr(c) + oc * c.itemsize, self.c_type, ldc, str_c,
+                _ptr(c) + oc * c.itemsize, c_t, ldc, str_c,
                 count, self.compute, self.cublas.CUBLAS_GEMM_DEFAULT)
 
     # -- fused steps -----------------------------------------------------------------------
@@ -374,30 +437,49 @@ class _CupySteps:
         st = _elem_strides(mask)
         return (mask,) + tuple(np.int64(x) for x in st)
 
-    def _softmax(self, fn, s, p, lse, mask, r0):
+    def _pitch(self, s, p):
+        pitch = s.strides[-2] // s.itemsize
+        assert p.strides[-2] // p.itemsize == pitch and pitch % ROW_ALIGN == 0
+        return pitch
+
+    def _softmax(self, fn, s, p, lse, mask, r0, recompute):
         problem = self.problem
         rows, ng, nr, n = self._rows(s)
+        if rows == 0:
+            return
+        pitch = self._pitch(s, p)
         causal_offset = r0 + problem.len_k - problem.len_q
         ls = _elem_strides(lse)
-        fn((rows,), (_threads(n),),
-           (s, np.int64(n), p, lse, np.int64(ls[0]), np.int64(ls[1]), np.int64(ls[2]))
+        tpr, rpb, vectors = launch_shape(n, self.ct.itemsize)
+        smem = 0 if recompute else rpb * vectors * 16
+        resident = 0 < smem <= self.smem_limit
+        if resident:
+            _kernels.set_dynamic_shared_memory(fn, smem)
+        fn((-(-rows // rpb),), (rpb * tpr,),
+           (s, np.int64(n), np.int64(pitch), p, lse, np.int64(ls[0]), np.int64(ls[1]), np.int64(ls[2]))
            + self._mask_args(mask)
-           + (np.int64(ng), np.int64(nr), np.int64(causal_offset), np.int32(problem.causal), self.scale))
+           + (np.int64(rows), np.int64(ng), np.int64(nr), np.int64(causal_offset), np.int32(problem.causal),
+              self.scale, np.int32(tpr), np.int32(resident)),
+           shared_mem=smem if resident else 0)
 
     def softmax(self, s, p, lse, mask, r0):
-        self._softmax(self.f_softmax, s, p, lse, mask, r0)
+        self._softmax(self.f_softmax, s, p, lse, mask, r0, False)
 
     def recompute(self, s, p, lse, mask, r0):
-        self._softmax(self.f_recompute, s, p, lse, mask, r0)
+        self._softmax(self.f_recompute, s, p, lse, mask, r0, True)
 
     def dscores(self, p, dp, dout, out):
         rows, ng, nr, n = self._rows(p)
+        if rows == 0:
+            return
+        pitch = self._pitch(dp, p)
         sd, so = _elem_strides(dout), _elem_strides(out)
         dv = dout.shape[-1]
-        self.f_dscores((rows,), (_threads(max(n, dv)),),
-                       (p, dp, np.int64(n), dout) + tuple(np.int64(x) for x in sd)
+        tpr, rpb, _ = launch_shape(n, self.ct.itemsize)
+        self.f_dscores((-(-rows // rpb),), (rpb * tpr,),
+                       (p, dp, np.int64(n), np.int64(pitch), dout) + tuple(np.int64(x) for x in sd)
                        + (out,) + tuple(np.int64(x) for x in so)
-                       + (np.int64(dv), np.int64(ng), np.int64(nr), self.scale))
+                       + (np.int64(dv), np.int64(rows), np.int64(ng), np.int64(nr), self.scale, np.int32(tpr)))
 
 
 def _steps(problem: Problem):
@@ -411,41 +493,42 @@ def _swap(a):
     return a.swapaxes(-1, -2)
 
 
+def _block(buf, cshape, n):
+    """A chunk's (heads, groups, rows, n) score block at the start of a workspace buffer, rows
+    `row_pitch(n)` elements apart."""
+    pitch = row_pitch(n)
+    return buf[:math.prod(cshape) * pitch].reshape(cshape + (pitch,))[..., :n]
+
+
 def chunked_forward(problem: Problem, budget: Optional[int] = None):
     xp, ct, dt = problem.xp, problem.compute_dtype, problem.dtype
     steps = _steps(problem)
     rows = chunk_rows(problem, "forward", budget)
+    tile = row_tile(problem)
     lk, dv = problem.len_k, problem.head_dim_v
     half = dt in HALF_DTYPES
     shape = problem.batch_shape + (problem.num_heads_q, problem.len_q)
     out = xp.zeros(shape + (dv,), dt)
     lse = xp.full(shape, -np.inf, ct)
-    s_buf = xp.empty(rows * lk, ct)
-    p_buf = xp.empty(rows * lk, dt) if half else s_buf
-    o_buf = xp.empty(rows * dv, ct) if half else None
+    s_buf = xp.empty(rows * row_pitch(lk), ct)
+    p_buf = xp.empty(rows * row_pitch(lk), dt) if half else s_buf
     for bi in np.ndindex(*problem.batch_shape):
         q, k, v = _grouped(problem, problem.q[bi]), problem.k[bi], problem.v[bi]
         mask = None if problem.mask is None else _grouped(problem, problem.mask[bi])
         out_b, lse_b = _grouped(problem, out[bi]), _grouped(problem, lse[bi][..., None])[..., 0]
         for h0, h1, g0, g1, r0, r1 in iter_chunks(problem.num_heads_kv, problem.group_size,
-                                                  problem.len_q, rows):
+                                                  problem.len_q, rows, tile):
             n = visible_keys(problem, r1)
             if n == 0:
                 continue          # no row of the chunk sees a key: out 0, lse -inf already
             cshape = (h1 - h0, g1 - g0, r1 - r0)
-            size = math.prod(cshape)
-            s = s_buf[:size * n].reshape(cshape + (n,))
-            p = p_buf[:size * n].reshape(cshape + (n,))
+            s = _block(s_buf, cshape, n)
+            p = _block(p_buf, cshape, n)
             steps.gemm(s, q[h0:h1, g0:g1, r0:r1], _swap(k[h0:h1, None, :n]))
             m = None if mask is None else mask[h0:h1, g0:g1, r0:r1, :n]
             steps.softmax(s, p, lse_b[h0:h1, g0:g1, r0:r1], m, r0)
-            target = out_b[h0:h1, g0:g1, r0:r1]
-            if half:
-                o = o_buf[:size * dv].reshape(cshape + (dv,))
-                steps.gemm(o, p, v[h0:h1, None, :n])
-                target[...] = o
-            else:
-                steps.gemm(target, p, v[h0:h1, None, :n])
+            # O_c = P V straight into the output (accumulated in the compute dtype, one rounding)
+            steps.gemm(out_b[h0:h1, g0:g1, r0:r1], p, v[h0:h1, None, :n])
     return out, lse
 
 
@@ -453,7 +536,8 @@ def chunked_backward(problem: Problem, dout, out, lse, budget: Optional[int] = N
     xp, ct, dt = problem.xp, problem.compute_dtype, problem.dtype
     steps = _steps(problem)
     rows = chunk_rows(problem, "backward", budget)
-    lk = problem.len_k
+    tile = row_tile(problem)
+    lk = row_pitch(problem.len_k)
     half = dt in HALF_DTYPES
     dq = xp.zeros(problem.q.shape, ct)
     dk = xp.zeros(problem.k.shape, ct)
@@ -468,15 +552,14 @@ def chunked_backward(problem: Problem, dout, out, lse, budget: Optional[int] = N
         lse_b = _grouped(problem, lse[bi][..., None])[..., 0]
         dq_b, dk_b, dv_b = _grouped(problem, dq[bi]), dk[bi], dv[bi]
         for h0, h1, g0, g1, r0, r1 in iter_chunks(problem.num_heads_kv, problem.group_size,
-                                                  problem.len_q, rows):
+                                                  problem.len_q, rows, tile):
             n = visible_keys(problem, r1)
             if n == 0:
                 continue          # rows that see nothing have zero gradients
             cshape = (h1 - h0, g1 - g0, r1 - r0)
-            size = math.prod(cshape)
-            s = s_buf[:size * n].reshape(cshape + (n,))
-            p = p_buf[:size * n].reshape(cshape + (n,))
-            dp = dp_buf[:size * n].reshape(cshape + (n,))
+            s = _block(s_buf, cshape, n)
+            p = _block(p_buf, cshape, n)
+            dp = _block(dp_buf, cshape, n)
             qc, doc = q[h0:h1, g0:g1, r0:r1], do_b[h0:h1, g0:g1, r0:r1]
             steps.gemm(s, qc, _swap(k[h0:h1, None, :n]))
             m = None if mask is None else mask[h0:h1, g0:g1, r0:r1, :n]

@@ -42,16 +42,69 @@ PREP_ROWS_PER_BLOCK = 8
 POISON_OUTPUTS = False
 
 
-def main_config(width: int) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, NWARPS) of flash_bwd_kernel for a padded head dim."""
-    # Register budget per thread ~ HD / WQ (dK, dV) + BLOCK_M / WQ (S, dP), WQ = NWARPS / (BLOCK_N / 16).
-    if width <= 64:
-        return 64, 128, 8
-    if width == 128:
-        return 32, 128, 8     # WQ = 1; 64 query rows would spill
-    if width <= 128:
-        return 64, 64, 8      # 96: phase C needs HD / (NWARPS / (BLOCK_M / 16)) % 16 == 0
-    return 64, 32, 8
+# Main-kernel configurations: (BLOCK_M, BLOCK_N, NWARPS, KW, CW)
+#   BLOCK_M query rows per inner tile, BLOCK_N keys per block, NWARPS warps,
+#   KW keys per warp in the S/dP and dK/dV phases (16 or 32: KW/16 m-tiles share each B fragment),
+#   CW query rows per warp in the dQ phase (16 or 32).
+# The Q/dO double buffer (STAGES = 2) is used where it fits the device's shared memory.
+# Candidates are listed best first; `main_config` takes the first whose shared memory fits.
+# Per-thread registers ~ 2 * KW * HD / (16 * WQ) ... (dK, dV) + KW * MQ / 32 * 1.5 (P packed, dP),
+# WQ = NWARPS * KW / BLOCK_N, MQ = BLOCK_M / WQ; every default compiles with zero spills.
+_DEFAULTS = {
+    32: [(64, 128, 8, 16, 16)],
+    64: [(64, 128, 8, 16, 16)],
+    96: [(64, 64, 8, 16, 16)],
+    128: [(32, 128, 8, 16, 16)],
+    192: [(64, 32, 8, 16, 16)],
+    # Hopper (227 KB): 64 keys per block, warps of 32 keys, Q/dO double-buffered (~217 KB);
+    # sm_80 (163 KB) cannot double-buffer it and the single-buffered form spills: old tiles there.
+    256: [((64, 64, 8, 32, 16), 2), (64, 32, 8, 16, 16)],
+}
+
+# Tuning hook (tools/tune_flash_bwd.py): width -> (BLOCK_M, BLOCK_N, NWARPS, KW, CW) or
+# ((BLOCK_M, BLOCK_N, NWARPS, KW, CW), STAGES). Overrides are not in kernel_specs(); they compile
+# on first use.
+CONFIG_OVERRIDE = {}
+
+
+def _candidates(width: int):
+    """[(config, forced stages or None)] for a padded head dim, override first."""
+    raw = [CONFIG_OVERRIDE[width]] if width in CONFIG_OVERRIDE else _DEFAULTS[width]
+    out = []
+    for entry in raw:
+        if len(entry) == 2 and isinstance(entry[0], tuple):
+            out.append((tuple(entry[0]), int(entry[1])))
+        else:
+            out.append((tuple(entry), None))
+    return out
+
+
+def main_bytes(config, stages: int, width: int) -> int:
+    """Dynamic shared memory of flash_bwd_kernel for `config` at padded head dim `width`."""
+    bm, bn, nw, kw, _ = config
+    wq = nw // (bn // kw)
+    lds, ldp = width + 8, bm + 8
+    return (2 * bn * lds + 2 * stages * bm * lds + (2 if wq > 1 else 1) * bn * ldp) * 2 + 2 * stages * bm * 4
+
+
+def main_plan(width: int, smem_limit: int = _SMEM_PORTABLE):
+    """(config, stages) of flash_bwd_kernel for a padded head dim on a device allowing
+    `smem_limit` bytes of shared memory per block: the first candidate that fits, with two Q/dO
+    stages where they fit (a candidate with forced stages is taken only at that depth)."""
+    cands = _candidates(width)
+    for config, stages in cands:
+        if stages is not None:
+            if main_bytes(config, stages, width) <= smem_limit:
+                return config, stages
+            continue
+        return config, (2 if main_bytes(config, 2, width) <= smem_limit else 1)
+    config, stages = cands[-1]
+    return config, stages or 1
+
+
+def main_config(width: int, smem_limit: int = _SMEM_PORTABLE):
+    """(BLOCK_M, BLOCK_N, NWARPS, KW, CW) of flash_bwd_kernel for a padded head dim."""
+    return main_plan(width, smem_limit)[0]
 
 
 def dq_config(width: int) -> Tuple[int, int, int]:
@@ -59,19 +112,13 @@ def dq_config(width: int) -> Tuple[int, int, int]:
     return (64, 64, 4) if width <= 128 else (64, 32, 4)
 
 
-def _main_bytes(width: int, stages: int) -> int:
-    bm, bn, nw = main_config(width)
-    wq = nw // (bn // 16)
-    lds, ldp = width + 8, bm + 8
-    return (2 * bn * lds + 2 * stages * bm * lds + (2 if wq > 1 else 1) * bn * ldp) * 2 + 2 * stages * bm * 4
+def main_stages(width: int, smem_limit: int = _SMEM_PORTABLE) -> int:
+    return main_plan(width, smem_limit)[1]
 
 
-def main_stages(width: int) -> int:
-    return 2 if _main_bytes(width, 2) <= _SMEM_PORTABLE else 1
-
-
-def main_shared_bytes(width: int) -> int:
-    return _main_bytes(width, main_stages(width))
+def main_shared_bytes(width: int, smem_limit: int = _SMEM_PORTABLE) -> int:
+    config, stages = main_plan(width, smem_limit)
+    return main_bytes(config, stages, width)
 
 
 def dq_shared_bytes(width: int) -> int:
@@ -84,10 +131,10 @@ def padded_width(problem: Problem) -> int:
     return next(w for w in WIDTHS if w >= need)
 
 
-def main_spec(dtype, width: int, masked: bool) -> KernelSpec:
-    bm, bn, nw = main_config(width)
+def main_spec(dtype, width: int, masked: bool, smem_limit: int = _SMEM_PORTABLE, plan=None) -> KernelSpec:
+    (bm, bn, nw, kw, cw), stages = plan or main_plan(width, smem_limit)
     return KernelSpec(SOURCE, f"flash_bwd_kernel<{_CTYPES[np.dtype(dtype)]}, {width}, {bm}, {bn}, {nw}, "
-                              f"{main_stages(width)}, {'true' if masked else 'false'}>")
+                              f"{kw}, {cw}, {stages}, {'true' if masked else 'false'}>")
 
 
 def dq_spec(dtype, width: int, masked: bool) -> KernelSpec:
@@ -100,16 +147,40 @@ def prep_spec(dtype) -> KernelSpec:
     return KernelSpec(SOURCE, f"flash_bwd_prep_kernel<{_CTYPES[np.dtype(dtype)]}>")
 
 
+_SMEM_LIMITS = (99 * 1024, _SMEM_PORTABLE, 227 * 1024)   # sm_86/89/120, sm_80/87, sm_90/100
+
+
+def _plans(width: int):
+    """Every (config, stages) main_plan can return for `width` on some device: the choice only
+    changes where the limit crosses one candidate's size, so those sizes and the known limits
+    cover every device."""
+    limits = set(_SMEM_LIMITS)
+    for config, stages in _candidates(width):
+        for st in ((stages,) if stages else (1, 2)):
+            limits.add(main_bytes(config, st, width))
+    limits = {limit for limit in limits if limit >= _SMEM_LIMITS[0]}   # sm_80+ devices allow >= 99 KB
+    plans = []
+    for limit in sorted(limits):
+        if limit > 227 * 1024:
+            continue
+        plan = main_plan(width, limit)
+        if main_bytes(plan[0], plan[1], width) <= limit and plan not in plans:
+            plans.append(plan)
+    return plans
+
+
 def kernel_specs() -> List[KernelSpec]:
-    """Every instantiation flash_backward can request (2 + 2 x 6 x 2 x 2 = 50)."""
+    """Every instantiation flash_backward can request (the prep kernel, and per dtype, width and
+    mask the main kernel of every shared-memory plan and the deterministic dQ kernel)."""
     specs = []
     for dtype in (FLOAT16, BFLOAT16):
         specs.append(prep_spec(dtype))
         for width in WIDTHS:
             for masked in (False, True):
-                specs.append(main_spec(dtype, width, masked))
+                for plan in _plans(width):
+                    specs.append(main_spec(dtype, width, masked, plan=plan))
                 specs.append(dq_spec(dtype, width, masked))
-    return specs
+    return list(dict.fromkeys(specs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,10 +192,10 @@ def _levels(problem: Problem, tensors):
     return _collapse_batch(problem.batch_shape, [_elem_strides(t)[:nb] for t in tensors])
 
 
-def _grids(problem: Problem, levels):
+def _grids(problem: Problem, levels, smem_limit: int = _SMEM_PORTABLE):
     width = padded_width(problem)
     inner = math.prod(n for n, _ in levels[-2:]) if levels else 1
-    bm, bn, _ = main_config(width)
+    bn = main_config(width, smem_limit)[1]
     dbm, _, _ = dq_config(width)
     main = -(-problem.len_k // bn) * problem.num_heads_kv * inner
     dq = -(-problem.len_q // dbm) * problem.num_heads_q * inner
@@ -153,19 +224,23 @@ def backward_reasons(problem: Problem) -> List[str]:
         why.append(f"compute capability {major}.{minor} < 8.0 (flash needs sm_80 or newer)")
     elif not why:
         width = padded_width(problem)
-        need = max(main_shared_bytes(width), dq_shared_bytes(width))
+        need = max(main_shared_bytes(width, smem), dq_shared_bytes(width))
         if need > smem:
             why.append(f"backward needs {need} bytes of shared memory per block, the device allows {smem}")
     if not why:
         tensors = [problem.q, problem.k, problem.v] + ([problem.mask] if problem.mask is not None else [])
-        if max(_grids(problem, _levels(problem, tensors))) > 2**31 - 1:
+        if max(_grids(problem, _levels(problem, tensors), smem)) > 2**31 - 1:
             why.append("more than 2^31 thread blocks in one launch")
     return why
 
 
 def backward_notes(problem: Problem) -> List[str]:
     width = padded_width(problem)
-    out = [f"backward kernel {main_spec(problem.dtype, width, problem.mask is not None).name}"]
+    try:
+        smem = _device_props(problem.device_id)[2]
+    except Exception:   # no driver or no device
+        smem = _SMEM_PORTABLE
+    out = [f"backward kernel {main_spec(problem.dtype, width, problem.mask is not None, smem).name}"]
     rows = problem.batch_size * problem.num_heads_q * problem.len_q
     out.append(f"{rows * (problem.head_dim + 2) * 4 / 2**20:.2f} MiB float32 dq/delta workspace")
     return out
@@ -224,10 +299,12 @@ def flash_backward(problem: Problem, dout, out, lse, deterministic: bool = False
          (ptr(dout), ptr(out), ptr(lse), ptr(delta), ptr(lse2), i64(rows), i32(dv_dim)))
 
     width = padded_width(problem)
-    bm, bn, nw = main_config(width)
+    smem_limit = _device_props(problem.device_id)[2]
+    plan = main_plan(width, smem_limit)
+    (bm, bn, nw, _, _), stages = plan
     dbm, dbn, dnw = dq_config(width)
-    main_fn = get_function(main_spec(problem.dtype, width, masked))
-    main_smem = main_shared_bytes(width)
+    main_fn = get_function(main_spec(problem.dtype, width, masked, plan=plan))
+    main_smem = main_bytes(plan[0], stages, width)
     set_dynamic_shared_memory(main_fn, main_smem)
     if deterministic:
         dq_fn = get_function(dq_spec(problem.dtype, width, masked))

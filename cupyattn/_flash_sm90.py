@@ -19,7 +19,7 @@ import ctypes
 import functools
 import itertools
 import math
-from typing import List, Tuple
+from typing import List, NamedTuple, Tuple
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from ._problem import BFLOAT16, FLOAT16, Problem, dtype_name
 SOURCE = "flash_fwd_sm90.cu"
 BLOCK_M = 128            # query rows per block (two consumer warpgroups of 64)
 THREADS = 384            # producer warpgroup + two consumer warpgroups
-# head dim -> (keys per tile BN, K/V ring stages)
+# head dim -> (keys per tile BN, K/V ring stages) of the proven configuration
 CONFIGS = {64: (128, 4), 128: (128, 2), 256: (64, 2)}
 HEAD_DIMS = tuple(sorted(CONFIGS))
 _CTYPES = {FLOAT16: "__half", BFLOAT16: "__nv_bfloat16"}
@@ -38,41 +38,89 @@ _TMA_DTYPE = {FLOAT16: 6, BFLOAT16: 9}    # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _B
 _MAX_LEN = 2**31 - 1024                   # TMA coordinates and row indices are int32
 _SMEM_LIMIT = 227 * 1024
 
-# Which consumer loop runs: True = the S GEMM of tile i is issued with the PV GEMM of tile i-1 and
-# the softmax runs under the PV GEMM; False = the plain order (S, softmax, PV per tile). Both are
-# compiled by the gate and tested; forward(..., overlap=...) overrides per call. The plain order
-# is the default: on an H200 (2026-11-28, tools/sm90_check.py) it was as fast or faster in most
-# bf16 rows (D=256, L=16k: 626 vs 496 TFLOP/s; D=128, L=16k: 529 vs 528).
-OVERLAP = False
+
+class Variant(NamedTuple):
+    """One way of running the kernel: the consumer schedule (template parameter SCHEDULE),
+    (BN, stages) per head dim, and whether the grid is persistent (one block per SM looping
+    over tiles; only the ping-pong schedules loop)."""
+    schedule: int          # 0 plain, 1 overlap, 2 ping-pong, 3 ping-pong + intra-warpgroup overlap
+    configs: dict
+    persistent: bool = False
+
+
+# Schedules (kernels_cu/flash_fwd_sm90.cu, template parameter SCHEDULE):
+#   0 plain: per key tile S GEMM, wait, softmax, PV GEMM, wait (the proven default).
+#   1 overlap: the S GEMM of tile i is issued with the PV GEMM of tile i-1.
+#   2 ping-pong: the two consumer warpgroups take turns issuing GEMMs (named barriers), so one's
+#     softmax runs under the other's GEMMs; K and V released separately; FFMA-folded softmax;
+#     O rescaled only when a max changed; epilogue stored from registers.
+#   3 ping-pong + the intra-warpgroup overlap of schedule 1.
+# "-persist": one block per SM looping over the tiles (heaviest causal tiles first per group).
+# "-s3": three K/V stages at D=128 (224 KB of shared memory).
+VARIANTS = {
+    "plain": Variant(0, CONFIGS),
+    "pp-ovl": Variant(3, CONFIGS),
+    "pp-ovl-persist": Variant(3, CONFIGS, True),
+}
+# tools/tune_sm90.py also measured "overlap" (1), "pp" (2), "pp-persist" and three K/V stages at
+# D=128 on an H200 (2026-11-28); none beat the two ping-pong variants kept here by more than noise.
+
+# None: choose per problem (choose_variant); a VARIANTS name forces that variant (tests, tuning).
+VARIANT = None
+
+
+def choose_variant(problem: Problem) -> str:
+    """The persistent grid wins everywhere (short tails, no per-tile prologue) except long causal
+    problems, where its static striding over uneven tiles leaves SMs idle at the end: there the
+    one-block-per-tile grid, scheduled by the hardware, is faster (H200, 2026-11-28: D=256,
+    L=16k causal 566 vs 360 TFLOP/s; D=128 540 vs 508)."""
+    if problem.causal and problem.len_k >= 8192:
+        return "pp-ovl"
+    return "pp-ovl-persist"
+
 
 # Tests set this (or pass poison=True) to fill out and lse with NaN before every launch, so rows
 # the kernel forgets to write cannot pass.
 POISON_OUTPUTS = False
 
 
-def kernel_name(dtype, head_dim: int, overlap: bool = True) -> str:
-    bn, stages = CONFIGS[head_dim]
-    return (f"flash_fwd_sm90_kernel<{_CTYPES[np.dtype(dtype)]}, {head_dim}, {bn}, {stages}, "
-            f"{'true' if overlap else 'false'}>")
+def _variant(variant) -> Variant:
+    """A Variant from its name."""
+    if isinstance(variant, Variant):
+        return variant
+    try:
+        return VARIANTS[variant]
+    except KeyError:
+        raise ValueError(f"unknown sm90 variant {variant!r} (known: {sorted(VARIANTS)})") from None
 
 
-def spec_for(dtype, head_dim: int, overlap: bool = True) -> KernelSpec:
-    return KernelSpec(source=SOURCE, name=kernel_name(dtype, head_dim, overlap), hopper_only=True)
+def kernel_name(dtype, head_dim: int, variant: str) -> str:
+    """The C++ name of the instantiation of `variant` (a VARIANTS name)."""
+    v = _variant(variant)
+    bn, stages = v.configs[head_dim]
+    return f"flash_fwd_sm90_kernel<{_CTYPES[np.dtype(dtype)]}, {head_dim}, {bn}, {stages}, {v.schedule}>"
 
 
-def kernel_specs() -> List[KernelSpec]:
-    return [spec_for(dt, d, ov) for ov in (True, False) for dt in (FLOAT16, BFLOAT16) for d in HEAD_DIMS]
+def spec_for(dtype, head_dim: int, variant: str) -> KernelSpec:
+    return KernelSpec(source=SOURCE, name=kernel_name(dtype, head_dim, variant), hopper_only=True)
 
 
-def smem_bytes(head_dim: int) -> int:
+def kernel_specs(variants=None) -> List[KernelSpec]:
+    """Every instantiation of the given variants (default: all of them), without duplicates."""
+    names = list(VARIANTS) if variants is None else list(variants)
+    specs = [spec_for(dt, d, name) for name in names for dt in (FLOAT16, BFLOAT16) for d in HEAD_DIMS]
+    return list(dict.fromkeys(specs))
+
+
+def smem_bytes(head_dim: int, variant: str) -> int:
     """Dynamic shared memory of one block; mirrors sm90::Plan in the kernel source."""
-    bn, stages = CONFIGS[head_dim]
+    bn, stages = _variant(variant).configs[head_dim]
     q = BLOCK_M * head_dim * 2
     kv = bn * head_dim * 2
-    return q + 2 * stages * kv + 8 * (1 + 3 * stages) + 1024
+    return q + 2 * stages * kv + 8 * (4 + 4 * stages) + 1024
 
 
-assert all(smem_bytes(d) <= _SMEM_LIMIT for d in HEAD_DIMS)
+assert all(smem_bytes(d, v) <= _SMEM_LIMIT for d in HEAD_DIMS for v in VARIANTS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,17 +269,17 @@ def _dim_entry(extent, stride, placeholder):
     return extent, stride, False
 
 
-def forward(problem: Problem, poison=None, overlap=None) -> Tuple[object, object]:
+def forward(problem: Problem, poison=None, variant=None) -> Tuple[object, object]:
     """(out, lse): out batch_shape + (Hq, Lq, D) in problem.dtype, lse batch_shape + (Hq, Lq) float32.
 
     poison: fill the outputs with NaN before the launch (default: the module's POISON_OUTPUTS);
-    overlap: which consumer loop (default: the module's OVERLAP)."""
+    variant: a VARIANTS name (default: the module's VARIANT, else choose_variant(problem))."""
     reasons = supports(problem)
     if reasons:
         raise ValueError("the sm90 flash kernel cannot run this problem: " + "; ".join(reasons))
     import cupy
     poison = POISON_OUTPUTS if poison is None else poison
-    overlap = OVERLAP if overlap is None else bool(overlap)
+    var = _variant(variant or VARIANT or choose_variant(problem))
     D, Lq, Lk, Hq, Hkv = problem.head_dim, problem.len_q, problem.len_k, problem.num_heads_q, problem.num_heads_kv
     dtype = problem.dtype
     out = cupy.empty(problem.batch_shape + (Hq, Lq, D), dtype=dtype)
@@ -254,14 +302,15 @@ def forward(problem: Problem, poison=None, overlap=None) -> Tuple[object, object
         kept.insert(0, (1, (0, 0, 0)))
     (nb0, st0), (nb1, st1) = kept
 
-    bn, stages = CONFIGS[D]
+    bn, stages = var.configs[D]
     group = Hq // Hkv
     num_m = -(-Lq // BLOCK_M)
     num_bh = nb0 * nb1 * Hq
-    grid = num_m * num_bh
+    num_tiles = num_m * num_bh
     device = cupy.cuda.Device(problem.device_id)
-    fn = get_function(spec_for(dtype, D, overlap), device)
-    nbytes = smem_bytes(D)
+    fn = get_function(spec_for(dtype, D, var), device)
+    nbytes = smem_bytes(D, var)
+    grid = min(num_tiles, _sm_count(device.id)) if (var.persistent and var.schedule >= 2) else num_tiles
     set_dynamic_shared_memory(fn, nbytes)
     swz_bh = _swizzle_width(device, Lk, D, group, num_bh)
     scale_log2 = np.float32(problem.scale * math.log2(math.e))
@@ -291,9 +340,18 @@ def forward(problem: Problem, poison=None, overlap=None) -> Tuple[object, object
         fn((grid,), (THREADS,),
            (maps[0], maps[1], maps[2], o, s, np.int32(Lq), np.int32(Lk), np.int32(Hq), np.int32(group),
             np.int32(nb1), np.int32(num_m), np.int32(num_bh), np.int32(swz_bh), np.int32(problem.causal),
-            np.int32(bcast), scale_log2),
+            np.int32(bcast), scale_log2, np.int32(num_tiles)),
            shared_mem=nbytes)
     return out, lse
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id: int) -> int:
+    import cupy
+    try:
+        return int(cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
+    except Exception:
+        return 132
 
 
 @functools.lru_cache(maxsize=None)

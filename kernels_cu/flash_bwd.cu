@@ -22,13 +22,17 @@
 // the summation order, hence the last bits of dQ, vary from run to run; dK and dV are
 // deterministic in both modes.
 //
-// Warp layout of flash_bwd_kernel (WN = BLOCK_N / 16 warps along keys, WQ = NWARPS / WN):
-//   phase A  warp (wn, wq) computes S^T / dP^T for keys wn*16..+16 and queries wq*MQ..+MQ
-//   phase B  warp (wn, wq) accumulates dK / dV for keys wn*16..+16, head-dim columns wq*DW..+DW;
+// Warp layout of flash_bwd_kernel (WN = BLOCK_N / KW warps along keys, WQ = NWARPS / WN):
+//   phase A  warp (wn, wq) computes S^T / dP^T for keys wn*KW..+KW (KW/16 m-tiles sharing every
+//            Q / dO fragment) and queries wq*MQ..+MQ; P^T is rounded to T once, right after the
+//            exponential, and that packed P is used for dV and for dS = P o (dP - delta) (so the
+//            fp32 S registers are free while dP^T accumulates)
+//   phase B  warp (wn, wq) accumulates dK / dV for keys wn*KW..+KW, head-dim columns wq*DW..+DW;
 //            with WQ == 1 the P^T and dS^T operands come straight from registers, otherwise
 //            through shared memory
-//   phase C  warp (wm, wd) computes dQ for queries wm*16..+16, columns wd*DQW..+DQW from dS^T in
-//            shared memory
+//   phase C  warp (wm, wd) computes dQ for queries wm*CW..+CW (CW/16 m-tiles sharing every K
+//            fragment), columns wd*DQW..+DQW from dS^T in shared memory, in chunks of at most 32
+//            accumulators per thread; on sm_90 the atomics are 16-byte red.global.add.v4.f32
 //
 // Conventions as flash_fwd.cu: two collapsed batch levels with int64 strides (b0, b1), head and
 // row strides for q/k/v and the mask, contiguous last axis; columns past D / Dv are zero-filled in
@@ -100,6 +104,15 @@ __device__ __forceinline__ void c_to_a(unsigned* a, const float* c0, const float
     a[3] = pack2<T>(c1[2], c1[3]);
 }
 
+// Packed pair of T (as pack2 writes it) back to two floats: .x the low half, .y the high half.
+template <typename T> __device__ __forceinline__ float2 unpack2(unsigned u);
+template <> __device__ __forceinline__ float2 unpack2<__half>(unsigned u) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&u));
+}
+template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(unsigned u) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -124,14 +137,67 @@ flash_bwd_prep_kernel(const T* __restrict__ dout, const T* __restrict__ out, con
     }
 }
 
+// n-tiles per phase-C chunk: all NDQ when CM * NDQ * 4 accumulators fit in 32 registers, else the
+// largest even divisor of NDQ that does.
+__host__ __device__ constexpr int bwd_dq_chunk(int ndq, int cm) {
+    if (cm * ndq * 4 <= 32) return ndq;
+    for (int c = 8 / cm; c >= 2; c -= 2)
+        if (c % 2 == 0 && ndq % c == 0) return c;
+    return 2;
+}
+
+// ---------------------------------------------------------------------------------------------
+// dQ += scale * acc for one 16-row C tile pair (rows qrow, qrow + 8; columns col .. col + 1 per
+// thread), fp32 atomics. On sm_90 with D % 4 == 0, the quad's lanes t4 and t4 ^ 1 swap half their
+// fragment so that each lane owns 4 consecutive columns of one row: one 16-byte
+// red.global.add.v4.f32 per lane and n-tile instead of four scalar atomics. Must be called by the
+// whole warp (shuffles); D is uniform across it.
+__device__ __forceinline__ void bwd_dq_atomic(float* __restrict__ dq_rows, const float* c, int qrow, int col,
+                                              int Lq, int D, float scale, int t4) {
+#if __CUDA_ARCH__ >= 900
+    if ((D & 3) == 0) {
+        const bool odd = t4 & 1;
+        // even lane keeps row g (c[0], c[1]) and receives its partner's row-g pair;
+        // odd lane keeps row g + 8 (c[2], c[3]) and receives its partner's row-(g+8) pair
+        float x = odd ? c[0] : c[2];
+        float y = odd ? c[1] : c[3];
+        x = __shfl_xor_sync(0xffffffffu, x, 1);
+        y = __shfl_xor_sync(0xffffffffu, y, 1);
+        const int qi = qrow + (odd ? 8 : 0);
+        const int c4 = col - 2 * (t4 & 1);        // col = base + 2 * t4: the quad pair's first column
+        float v0, v1, v2, v3;
+        if (odd) { v0 = x; v1 = y; v2 = c[2]; v3 = c[3]; }
+        else     { v0 = c[0]; v1 = c[1]; v2 = x; v3 = y; }
+        if (qi < Lq && c4 < D) {
+            float* dst = dq_rows + static_cast<long long>(qi) * D + c4;
+            asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n"
+                         :: "l"(dst), "f"(v0 * scale), "f"(v1 * scale), "f"(v2 * scale), "f"(v3 * scale)
+                         : "memory");
+        }
+        return;
+    }
+#endif
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int qi = qrow + 8 * r;
+        if (qi < Lq) {
+            float* dst = dq_rows + static_cast<long long>(qi) * D;
+            if (col < D) atomicAdd(dst + col, c[2 * r] * scale);
+            if (col + 1 < D) atomicAdd(dst + col + 1, c[2 * r + 1] * scale);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Main backward kernel: dK, dV (and dQ by atomics when atomic_dq != 0).
 //   T          __half or __nv_bfloat16
 //   HD         padded head dim (multiple of 32, <= 256); real D, Dv <= HD are runtime values
-//   BLOCK_M    query rows per inner tile;  BLOCK_N keys per block (16 per warp along keys)
+//   BLOCK_M    query rows per inner tile;  BLOCK_N keys per block
+//   KW         keys per warp in phases A and B (16 or 32: KW / 16 m-tiles share every B fragment)
+//   CW         query rows per warp in phase C (16 or 32: CW / 16 m-tiles share every K fragment)
 //   STAGES     1 or 2 shared-memory buffers for the Q / dO tiles
 //   MASKED     a boolean mask (mask_kind 1) or additive bias (mask_kind 2) is read in place
-template <typename T, int HD, int BLOCK_M, int BLOCK_N, int NWARPS, int STAGES, bool MASKED>
+template <typename T, int HD, int BLOCK_M, int BLOCK_N, int NWARPS, int KW, int CW, int STAGES, bool MASKED>
 __global__ void __launch_bounds__(NWARPS * 32, 1)
 flash_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                  const void* __restrict__ mask, const T* __restrict__ dout,
@@ -147,22 +213,27 @@ flash_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     constexpr int NT = NWARPS * 32;
     constexpr int LDS = HD + 8;              // K, V, Q, dO row pitch (elements)
     constexpr int LDP = BLOCK_M + 8;         // P^T, dS^T row pitch
-    constexpr int WN = BLOCK_N / 16;         // warps along keys
+    constexpr int KM = KW / 16;              // 16-key m-tiles per warp, phases A and B
+    constexpr int WN = BLOCK_N / KW;         // warps along keys
     constexpr int WQ = NWARPS / WN;          // warps along queries (phase A) / head dim (phase B)
     constexpr int MQ = BLOCK_M / WQ;         // query columns per warp, phase A
     constexpr int NSQ = MQ / 8;
     constexpr int DW = HD / WQ;              // head-dim columns per warp, phase B
     constexpr int NDW = DW / 8;
-    constexpr int WMQ = BLOCK_M / 16;        // warps along queries, phase C
+    constexpr int CM = CW / 16;              // 16-query m-tiles per warp, phase C
+    constexpr int WMQ = BLOCK_M / CW;        // warps along queries, phase C
     constexpr int WDQ = NWARPS / WMQ;
     constexpr int DQW = HD / WDQ;            // head-dim columns per warp, phase C
     constexpr int NDQ = DQW / 8;
+    constexpr int NDQC = bwd_dq_chunk(NDQ, CM);   // n-tiles per phase-C chunk
     constexpr int KSTEPS = HD / 16;
     static_assert(HD % 32 == 0 && HD <= 256, "padded head dim");
-    static_assert(BLOCK_N % 16 == 0 && NWARPS % WN == 0 && WN * WQ == NWARPS, "warps along keys");
+    static_assert(NDQC % 2 == 0 && NDQ % NDQC == 0, "phase C chunks");
+    static_assert(KW % 16 == 0 && BLOCK_N % KW == 0 && NWARPS % WN == 0 && WN * WQ == NWARPS, "warps along keys");
     static_assert(MQ % 16 == 0 && MQ * WQ == BLOCK_M, "phase A query split");
     static_assert(DW % 16 == 0 && DW * WQ == HD, "phase B column split");
-    static_assert(BLOCK_M % 16 == 0 && NWARPS % WMQ == 0 && DQW % 16 == 0 && DQW * WDQ == HD, "phase C split");
+    static_assert(CW % 16 == 0 && BLOCK_M % CW == 0 && NWARPS % WMQ == 0 && DQW % 16 == 0 && DQW * WDQ == HD,
+                  "phase C split");
     static_assert(STAGES == 1 || STAGES == 2, "stages");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -229,21 +300,18 @@ flash_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     cp_async_commit();
 
     const int wn = warp % WN, wq = warp / WN;
-    const int key_row0 = wn * 16;              // this warp's keys (local), phases A and B
+    const int key_row0 = wn * KW;              // this warp's keys (local), phases A and B
     const int q_col0 = wq * MQ;                // this warp's query columns (local), phase A
     const int wm = warp % WMQ, wd = warp / WMQ;   // phase C
 
-    float dk[NDW][4], dv[NDW][4];
+    float dk[KM][NDW][4], dv[KM][NDW][4];
 #pragma unroll
-    for (int i = 0; i < NDW; ++i) {
+    for (int km = 0; km < KM; ++km) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) { dk[i][e] = 0.f; dv[i][e] = 0.f; }
-    }
-
-    long long koff[2] = {0, 0};                // key part of the mask offset
-    if (MASKED) {
+        for (int i = 0; i < NDW; ++i) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) koff[r] = static_cast<long long>(n0 + key_row0 + g + 8 * r) * m_k;
+            for (int e = 0; e < 4; ++e) { dk[km][i][e] = 0.f; dv[km][i][e] = 0.f; }
+        }
     }
 
     for (int it = 0; it < n_iter; ++it) {
@@ -269,27 +337,36 @@ flash_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
         const float* sLs = sL + st * BLOCK_M;
         const float* sDs = sD + st * BLOCK_M;
 
-        // ---- phase A: S^T = K Q^T ------------------------------------------------------------------
-        float s[NSQ][4];
+        // ---- phase A: S^T = K Q^T (each Q fragment feeds KM m-tiles) -------------------------------
+        float s[KM][NSQ][4];
 #pragma unroll
-        for (int i = 0; i < NSQ; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        for (int km = 0; km < KM; ++km) {
+#pragma unroll
+            for (int i = 0; i < NSQ; ++i) s[km][i][0] = s[km][i][1] = s[km][i][2] = s[km][i][3] = 0.f;
+        }
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
-            unsigned a[4];
-            ldmatrix_x4(a[0], a[1], a[2], a[3],
-                        smem_u32(sK + (key_row0 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8));
+            unsigned a[KM][4];
+#pragma unroll
+            for (int km = 0; km < KM; ++km)
+                ldmatrix_x4(a[km][0], a[km][1], a[km][2], a[km][3],
+                            smem_u32(sK + (key_row0 + km * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8));
 #pragma unroll
             for (int jp = 0; jp < NSQ / 2; ++jp) {
                 unsigned b0r, b1r, b2r, b3r;
                 ldmatrix_x4(b0r, b1r, b2r, b3r,
                             smem_u32(sQs + (q_col0 + jp * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16
                                      + ((lane >> 3) & 1) * 8));
-                mma_16816<T>(s[2 * jp], a, b0r, b1r);
-                mma_16816<T>(s[2 * jp + 1], a, b2r, b3r);
+#pragma unroll
+                for (int km = 0; km < KM; ++km) {
+                    mma_16816<T>(s[km][2 * jp], a[km], b0r, b1r);
+                    mma_16816<T>(s[km][2 * jp + 1], a[km], b2r, b3r);
+                }
             }
         }
 
         // P^T = exp2(S^T * scale * log2e (+ bias * log2e) - lse2[query]), hidden entries 0
+        unsigned pp[KM][NSQ][2];   // P^T as packed T pairs (rows g, g + 8 of each C tile)
         const bool full = !MASKED && n0 + BLOCK_N <= Lk && m0 + BLOCK_M <= Lq
                           && (!causal || n0 + BLOCK_N - 1 <= m0 + off);
         long long mbase = 0;
@@ -299,41 +376,58 @@ flash_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
             const int qc = q_col0 + i * 8 + 2 * t4;
             const float2 l2 = *reinterpret_cast<const float2*>(sLs + qc);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x = s[i][e] * scale_log2;
-                bool vis = true;
-                if (!full) {
-                    const int key = n0 + key_row0 + g + 8 * (e >> 1);
-                    const int qi = m0 + qc + (e & 1);
-                    vis = key < Lk && qi < Lq;
-                    if (causal) vis = vis && key <= qi + off;
-                    if (MASKED && vis) {
-                        const long long mo = mbase + static_cast<long long>(qi) * m_q + koff[e >> 1];
-                        if (mask_kind == 1) vis = static_cast<const unsigned char*>(mask)[mo] != 0;
-                        else x += bwd_load_bias(mask, mo, bias_dtype) * kLog2e;
+            for (int km = 0; km < KM; ++km) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float x = s[km][i][e] * scale_log2;
+                    bool vis = true;
+                    if (!full) {
+                        const int key = n0 + key_row0 + km * 16 + g + 8 * (e >> 1);
+                        const int qi = m0 + qc + (e & 1);
+                        vis = key < Lk && qi < Lq;
+                        if (causal) vis = vis && key <= qi + off;
+                        if (MASKED && vis) {
+                            const long long mo = mbase + static_cast<long long>(qi) * m_q
+                                                 + static_cast<long long>(key) * m_k;
+                            if (mask_kind == 1) vis = static_cast<const unsigned char*>(mask)[mo] != 0;
+                            else x += bwd_load_bias(mask, mo, bias_dtype) * kLog2e;
+                        }
                     }
+                    s[km][i][e] = vis ? fast_exp2(x - ((e & 1) ? l2.y : l2.x)) : 0.f;
                 }
-                s[i][e] = vis ? fast_exp2(x - ((e & 1) ? l2.y : l2.x)) : 0.f;
+                // P^T rounded to T once: the packed pairs are the A operand of dV += P^T dO (from
+                // registers or, for the other warps, from sP) and the P in dS = P o (dP - delta), so
+                // the fp32 S registers are free before dP^T is accumulated.
+#pragma unroll
+                for (int r = 0; r < 2; ++r) pp[km][i][r] = pack2<T>(s[km][i][2 * r], s[km][i][2 * r + 1]);
             }
         }
 
         // dP^T = V dO^T
-        float dp[NSQ][4];
+        float dp[KM][NSQ][4];
 #pragma unroll
-        for (int i = 0; i < NSQ; ++i) dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+        for (int km = 0; km < KM; ++km) {
+#pragma unroll
+            for (int i = 0; i < NSQ; ++i) dp[km][i][0] = dp[km][i][1] = dp[km][i][2] = dp[km][i][3] = 0.f;
+        }
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
-            unsigned a[4];
-            ldmatrix_x4(a[0], a[1], a[2], a[3],
-                        smem_u32(sV + (key_row0 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8));
+            unsigned a[KM][4];
+#pragma unroll
+            for (int km = 0; km < KM; ++km)
+                ldmatrix_x4(a[km][0], a[km][1], a[km][2], a[km][3],
+                            smem_u32(sV + (key_row0 + km * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8));
 #pragma unroll
             for (int jp = 0; jp < NSQ / 2; ++jp) {
                 unsigned b0r, b1r, b2r, b3r;
                 ldmatrix_x4(b0r, b1r, b2r, b3r,
                             smem_u32(sdOs + (q_col0 + jp * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16
                                      + ((lane >> 3) & 1) * 8));
-                mma_16816<T>(dp[2 * jp], a, b0r, b1r);
-                mma_16816<T>(dp[2 * jp + 1], a, b2r, b3r);
+#pragma unroll
+                for (int km = 0; km < KM; ++km) {
+                    mma_16816<T>(dp[km][2 * jp], a[km], b0r, b1r);
+                    mma_16816<T>(dp[km][2 * jp + 1], a[km], b2r, b3r);
+                }
             }
         }
 
@@ -342,39 +436,54 @@ flash_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
         for (int i = 0; i < NSQ; ++i) {
             const int qc = q_col0 + i * 8 + 2 * t4;
             const float2 dl = *reinterpret_cast<const float2*>(sDs + qc);
-            dp[i][0] = s[i][0] * (dp[i][0] - dl.x);
-            dp[i][1] = s[i][1] * (dp[i][1] - dl.y);
-            dp[i][2] = s[i][2] * (dp[i][2] - dl.x);
-            dp[i][3] = s[i][3] * (dp[i][3] - dl.y);
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int row = key_row0 + g + 8 * r;
-                *reinterpret_cast<unsigned*>(sdS + row * LDP + qc) = pack2<T>(dp[i][2 * r], dp[i][2 * r + 1]);
-                if constexpr (WQ > 1)
-                    *reinterpret_cast<unsigned*>(sP + row * LDP + qc) = pack2<T>(s[i][2 * r], s[i][2 * r + 1]);
+            for (int km = 0; km < KM; ++km) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const float2 p = unpack2<T>(pp[km][i][r]);
+                    dp[km][i][2 * r] = p.x * (dp[km][i][2 * r] - dl.x);
+                    dp[km][i][2 * r + 1] = p.y * (dp[km][i][2 * r + 1] - dl.y);
+                    const int row = key_row0 + km * 16 + g + 8 * r;
+                    *reinterpret_cast<unsigned*>(sdS + row * LDP + qc) =
+                        pack2<T>(dp[km][i][2 * r], dp[km][i][2 * r + 1]);
+                    if constexpr (WQ > 1) *reinterpret_cast<unsigned*>(sP + row * LDP + qc) = pp[km][i][r];
+                }
             }
         }
 
-        // ---- phase B: dV += P^T dO, dK += dS^T Q ---------------------------------------------------
+        // ---- phase B: dV += P^T dO, dK += dS^T Q (each dO / Q fragment feeds KM m-tiles) ------------
         if constexpr (WQ == 1) {
 #pragma unroll
             for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
-                unsigned pa[4], da[4];
-                c_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
-                c_to_a<T>(da, dp[2 * kk], dp[2 * kk + 1]);
+                unsigned pa[KM][4], da[KM][4];
+#pragma unroll
+                for (int km = 0; km < KM; ++km) {
+                    // C tiles 2kk, 2kk+1 (queries kk*16 .. +16) form the A fragment of one k16 step
+                    pa[km][0] = pp[km][2 * kk][0];
+                    pa[km][1] = pp[km][2 * kk][1];
+                    pa[km][2] = pp[km][2 * kk + 1][0];
+                    pa[km][3] = pp[km][2 * kk + 1][1];
+                    c_to_a<T>(da[km], dp[km][2 * kk], dp[km][2 * kk + 1]);
+                }
 #pragma unroll
                 for (int dd = 0; dd < NDW / 2; ++dd) {
                     unsigned b0r, b1r, b2r, b3r;
                     ldmatrix_x4_trans(b0r, b1r, b2r, b3r,
                                       smem_u32(sdOs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS
                                                + dd * 16 + (lane >> 4) * 8));
-                    mma_16816<T>(dv[2 * dd], pa, b0r, b1r);
-                    mma_16816<T>(dv[2 * dd + 1], pa, b2r, b3r);
+#pragma unroll
+                    for (int km = 0; km < KM; ++km) {
+                        mma_16816<T>(dv[km][2 * dd], pa[km], b0r, b1r);
+                        mma_16816<T>(dv[km][2 * dd + 1], pa[km], b2r, b3r);
+                    }
                     ldmatrix_x4_trans(b0r, b1r, b2r, b3r,
                                       smem_u32(sQs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS
                                                + dd * 16 + (lane >> 4) * 8));
-                    mma_16816<T>(dk[2 * dd], da, b0r, b1r);
-                    mma_16816<T>(dk[2 * dd + 1], da, b2r, b3r);
+#pragma unroll
+                    for (int km = 0; km < KM; ++km) {
+                        mma_16816<T>(dk[km][2 * dd], da[km], b0r, b1r);
+                        mma_16816<T>(dk[km][2 * dd + 1], da[km], b2r, b3r);
+                    }
                 }
             }
             __syncthreads();   // dS^T complete in shared memory
@@ -382,61 +491,77 @@ flash_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
             __syncthreads();   // P^T and dS^T complete in shared memory
 #pragma unroll
             for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
-                unsigned pa[4], da[4];
-                ldmatrix_x4(pa[0], pa[1], pa[2], pa[3],
-                            smem_u32(sP + (key_row0 + (lane & 15)) * LDP + kk * 16 + (lane >> 4) * 8));
-                ldmatrix_x4(da[0], da[1], da[2], da[3],
-                            smem_u32(sdS + (key_row0 + (lane & 15)) * LDP + kk * 16 + (lane >> 4) * 8));
+                unsigned pa[KM][4], da[KM][4];
+#pragma unroll
+                for (int km = 0; km < KM; ++km) {
+                    ldmatrix_x4(pa[km][0], pa[km][1], pa[km][2], pa[km][3],
+                                smem_u32(sP + (key_row0 + km * 16 + (lane & 15)) * LDP + kk * 16 + (lane >> 4) * 8));
+                    ldmatrix_x4(da[km][0], da[km][1], da[km][2], da[km][3],
+                                smem_u32(sdS + (key_row0 + km * 16 + (lane & 15)) * LDP + kk * 16 + (lane >> 4) * 8));
+                }
 #pragma unroll
                 for (int dd = 0; dd < NDW / 2; ++dd) {
                     unsigned b0r, b1r, b2r, b3r;
                     ldmatrix_x4_trans(b0r, b1r, b2r, b3r,
                                       smem_u32(sdOs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS
                                                + wq * DW + dd * 16 + (lane >> 4) * 8));
-                    mma_16816<T>(dv[2 * dd], pa, b0r, b1r);
-                    mma_16816<T>(dv[2 * dd + 1], pa, b2r, b3r);
+#pragma unroll
+                    for (int km = 0; km < KM; ++km) {
+                        mma_16816<T>(dv[km][2 * dd], pa[km], b0r, b1r);
+                        mma_16816<T>(dv[km][2 * dd + 1], pa[km], b2r, b3r);
+                    }
                     ldmatrix_x4_trans(b0r, b1r, b2r, b3r,
                                       smem_u32(sQs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS
                                                + wq * DW + dd * 16 + (lane >> 4) * 8));
-                    mma_16816<T>(dk[2 * dd], da, b0r, b1r);
-                    mma_16816<T>(dk[2 * dd + 1], da, b2r, b3r);
+#pragma unroll
+                    for (int km = 0; km < KM; ++km) {
+                        mma_16816<T>(dk[km][2 * dd], da[km], b0r, b1r);
+                        mma_16816<T>(dk[km][2 * dd + 1], da[km], b2r, b3r);
+                    }
                 }
             }
         }
 
-        // ---- phase C: dQ[m0 + wm*16 .., wd*DQW ..] += dS K, fp32 atomics ---------------------------
+        // ---- phase C: dQ[m0 + wm*CW .., wd*DQW ..] += dS K, fp32 atomics -------------------------
+        // The warp's DQW columns go in chunks of NDQC n-tiles so that at most 32 dq accumulators per
+        // thread are live next to dK / dV (dS fragments are reloaded per chunk).
         if (atomic_dq) {
-            float dq[NDQ][4];
+            float* dq_rows = dq_accum + (bflat * Hq + hq) * Lq * D;
 #pragma unroll
-            for (int i = 0; i < NDQ; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+            for (int c0 = 0; c0 < NDQ; c0 += NDQC) {
+                float dq[CM][NDQC][4];
 #pragma unroll
-            for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-                unsigned a[4];   // A = dS (rows: queries, k: keys) from dS^T stored [key][query]
-                ldmatrix_x4_trans(a[0], a[1], a[2], a[3],
-                                  smem_u32(sdS + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * LDP + wm * 16
-                                           + ((lane >> 3) & 1) * 8));
+                for (int cm = 0; cm < CM; ++cm) {
 #pragma unroll
-                for (int dd = 0; dd < NDQ / 2; ++dd) {
-                    unsigned b0r, b1r, b2r, b3r;
-                    ldmatrix_x4_trans(b0r, b1r, b2r, b3r,
-                                      smem_u32(sK + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS
-                                               + wd * DQW + dd * 16 + (lane >> 4) * 8));
-                    mma_16816<T>(dq[2 * dd], a, b0r, b1r);
-                    mma_16816<T>(dq[2 * dd + 1], a, b2r, b3r);
+                    for (int i = 0; i < NDQC; ++i) dq[cm][i][0] = dq[cm][i][1] = dq[cm][i][2] = dq[cm][i][3] = 0.f;
                 }
-            }
-            const long long rowbase = (bflat * Hq + hq) * Lq;
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int qi = m0 + wm * 16 + g + 8 * r;
-                if (qi < Lq) {
-                    float* dst = dq_accum + (rowbase + qi) * D;
+                for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+                    unsigned a[CM][4];   // A = dS (rows: queries, k: keys) from dS^T stored [key][query]
 #pragma unroll
-                    for (int i = 0; i < NDQ; ++i) {
-                        const int col = wd * DQW + i * 8 + 2 * t4;
-                        if (col < D) atomicAdd(dst + col, dq[i][2 * r] * scale);
-                        if (col + 1 < D) atomicAdd(dst + col + 1, dq[i][2 * r + 1] * scale);
+                    for (int cm = 0; cm < CM; ++cm)
+                        ldmatrix_x4_trans(a[cm][0], a[cm][1], a[cm][2], a[cm][3],
+                                          smem_u32(sdS + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * LDP + wm * CW
+                                                   + cm * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+                    for (int dd = 0; dd < NDQC / 2; ++dd) {
+                        unsigned b0r, b1r, b2r, b3r;
+                        ldmatrix_x4_trans(b0r, b1r, b2r, b3r,
+                                          smem_u32(sK + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS
+                                                   + wd * DQW + (c0 + 2 * dd) * 8 + (lane >> 4) * 8));
+#pragma unroll
+                        for (int cm = 0; cm < CM; ++cm) {
+                            mma_16816<T>(dq[cm][2 * dd], a[cm], b0r, b1r);
+                            mma_16816<T>(dq[cm][2 * dd + 1], a[cm], b2r, b3r);
+                        }
                     }
+                }
+#pragma unroll
+                for (int cm = 0; cm < CM; ++cm) {
+#pragma unroll
+                    for (int i = 0; i < NDQC; ++i)
+                        bwd_dq_atomic(dq_rows, dq[cm][i], m0 + wm * CW + cm * 16 + g,
+                                      wd * DQW + (c0 + i) * 8 + 2 * t4, Lq, D, scale, t4);
                 }
             }
         }
@@ -447,25 +572,30 @@ flash_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     // ---- epilogue: dK (times scale) and dV for this block's keys, fp32 ----------------------------
     const long long kvrow = (bflat * Hkv + hkv) * Lk;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int key = n0 + key_row0 + g + 8 * r;
-        if (key >= Lk) continue;
-        float* dkr = dk_out + (kvrow + key) * D;
-        float* dvr = dv_out + (kvrow + key) * Dv;
+    for (int km = 0; km < KM; ++km) {
 #pragma unroll
-        for (int i = 0; i < NDW; ++i) {
-            const int col = wq * DW + i * 8 + 2 * t4;
-            if ((D & 1) == 0) {
-                if (col < D) *reinterpret_cast<float2*>(dkr + col) = make_float2(dk[i][2 * r] * scale, dk[i][2 * r + 1] * scale);
-            } else {
-                if (col < D) dkr[col] = dk[i][2 * r] * scale;
-                if (col + 1 < D) dkr[col + 1] = dk[i][2 * r + 1] * scale;
-            }
-            if ((Dv & 1) == 0) {
-                if (col < Dv) *reinterpret_cast<float2*>(dvr + col) = make_float2(dv[i][2 * r], dv[i][2 * r + 1]);
-            } else {
-                if (col < Dv) dvr[col] = dv[i][2 * r];
-                if (col + 1 < Dv) dvr[col + 1] = dv[i][2 * r + 1];
+        for (int r = 0; r < 2; ++r) {
+            const int key = n0 + key_row0 + km * 16 + g + 8 * r;
+            if (key >= Lk) continue;
+            float* dkr = dk_out + (kvrow + key) * D;
+            float* dvr = dv_out + (kvrow + key) * Dv;
+#pragma unroll
+            for (int i = 0; i < NDW; ++i) {
+                const int col = wq * DW + i * 8 + 2 * t4;
+                if ((D & 1) == 0) {
+                    if (col < D)
+                        *reinterpret_cast<float2*>(dkr + col) =
+                            make_float2(dk[km][i][2 * r] * scale, dk[km][i][2 * r + 1] * scale);
+                } else {
+                    if (col < D) dkr[col] = dk[km][i][2 * r] * scale;
+                    if (col + 1 < D) dkr[col + 1] = dk[km][i][2 * r + 1] * scale;
+                }
+                if ((Dv & 1) == 0) {
+                    if (col < Dv) *reinterpret_cast<float2*>(dvr + col) = make_float2(dv[km][i][2 * r], dv[km][i][2 * r + 1]);
+                } else {
+                    if (col < Dv) dvr[col] = dv[km][i][2 * r];
+                    if (col + 1 < Dv) dvr[col + 1] = dv[km][i][2 * r + 1];
+                }
             }
         }
     }

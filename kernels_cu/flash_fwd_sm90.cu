@@ -18,8 +18,16 @@
 // long as every chunk starts 1024-byte aligned).
 //
 // Template parameters: T (__half / __nv_bfloat16), D (head dim = Dv: 64, 128, 256), BN (keys per
-// tile), STAGES (ring depth), OVERLAP (issue the next S GEMM together with the current PV GEMM
-// and run the softmax under the PV GEMM; false = plain S, softmax, PV per tile).
+// tile), STAGES (ring depth), SCHEDULE:
+//   0 plain: S, softmax, PV per tile (the proven default);
+//   1 overlap: issue the next S GEMM together with the current PV GEMM and run the softmax under
+//     the PV GEMM;
+//   2 ping-pong: the consumer warpgroups take turns on the tensor cores (named barriers), K and V
+//     stages released separately, persistent-capable tile loop (see pingpong_body below);
+//   3 ping-pong + the intra-warpgroup overlap of schedule 1.
+// Schedules 0 and 1 run one tile per block; 2 and 3 loop over tiles blockIdx.x, +gridDim.x, ...
+// (the host launches either one block per tile or one per SM). The last kernel argument,
+// num_tiles, is the number of 128-row tiles (m-blocks x batch x heads).
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -418,6 +426,9 @@ __device__ __forceinline__ float quad_sum(float x) {
 __device__ __forceinline__ void named_bar_sync(int id, int count) {
     asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(count) : "memory");
 }
+__device__ __forceinline__ void named_bar_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(count) : "memory");
+}
 
 // Shared-memory plan (byte offsets from a 1024-aligned base). The host repeats smem_bytes().
 template <int D, int BN, int STAGES>
@@ -429,7 +440,7 @@ struct Plan {
     static constexpr unsigned kOffK = kQ;
     static constexpr unsigned kOffV = kOffK + STAGES * kKV;
     static constexpr unsigned kOffBar = kOffV + STAGES * kKV;
-    static constexpr unsigned kBars = 1 + 3 * STAGES;
+    static constexpr unsigned kBars = 4 + 4 * STAGES;   // old schedules use the first 1 + 3 * STAGES
     static constexpr unsigned kBytes = kOffBar + 8 * kBars + 1024;   // + slack for aligning the base
 };
 
@@ -539,6 +550,373 @@ __device__ __forceinline__ void to_a_frags(const float (&sc)[BN / 2], unsigned (
     }
 }
 
+
+// ================================================================================================
+// Ping-pong schedules (SCHEDULE 2: plain loop per warpgroup, 3: intra-warpgroup overlap), written
+// for a persistent grid (each block loops over tiles blockIdx.x, +gridDim.x, ...; the host may
+// also launch one block per tile, then the loop runs once).
+//
+//  * The two consumer warpgroups take turns on the tensor cores: before issuing its GEMMs a
+//    warpgroup waits on its own named barrier (3 + w, 256 threads) and after issuing them it
+//    arrives on the other's (4 - w), so one warpgroup's softmax runs under the other's GEMMs.
+//    Warpgroup 0 pre-arrives once on its barrier to go first and syncs once more at the very end,
+//    so both barriers are balanced when the block exits.
+//  * K and V have their own empty barriers: a K stage is released as soon as its S GEMM is done,
+//    a V stage when its PV GEMM is done, so the producer refills K early (the intra-warpgroup
+//    overlap otherwise leaves the ring almost no slack with two stages).
+//  * Q has one full/empty barrier pair per consumer warpgroup (64 rows each); warp 1 of the
+//    producer warpgroup loads Q, warp 0 streams K and V, each over the block's whole tile list.
+//  * Softmax: scores stay raw; the row max is taken on raw scores (of -s for a negative scale) and
+//    exp2(s * scale_log2 - max) is one FFMA + one MUFU per element; masked tiles take the
+//    prescaled path. O is rescaled only when some row of the warp changed its max.
+//  * Epilogue: O / l straight from registers to global memory (no shared staging, so the Q buffer
+//    is released at the end of the key loop and the next tile's Q load overlaps the epilogue).
+
+template <int BN>
+__device__ __forceinline__ void softmax_fast(float (&sc)[BN / 2], bool need_mask, int key0, int Lk, int causal,
+                                             int diag, int r_lo, int t4, float scale_log2,
+                                             float& m_lo, float& m_hi, float& l_lo, float& l_hi,
+                                             float& corr_lo, float& corr_hi) {
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+    if (need_mask) {
+        const int r_hi = r_lo + 8;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = key0 + 8 * j + 2 * t4 + (e & 1);
+                const int row = e < 2 ? r_lo : r_hi;
+                const bool hide = col >= Lk || (causal && col - row > diag);
+                sc[4 * j + e] = hide ? -INFINITY : sc[4 * j + e] * scale_log2;
+            }
+            mx_lo = fmaxf(mx_lo, fmaxf(sc[4 * j + 0], sc[4 * j + 1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+        }
+    } else if (scale_log2 >= 0.f) {
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+            mx_lo = fmaxf(mx_lo, fmaxf(sc[4 * j + 0], sc[4 * j + 1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+        }
+        mx_lo *= scale_log2;    // a positive factor commutes with max exactly
+        mx_hi *= scale_log2;
+    } else {
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+            mx_lo = fmaxf(mx_lo, fmaxf(-sc[4 * j + 0], -sc[4 * j + 1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(-sc[4 * j + 2], -sc[4 * j + 3]));
+        }
+        mx_lo *= -scale_log2;   // max(-s) * |c| = max(s * c) for c < 0
+        mx_hi *= -scale_log2;
+    }
+    mx_lo = quad_max(mx_lo);
+    mx_hi = quad_max(mx_hi);
+    const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
+    const float use_lo = new_lo == -INFINITY ? 0.f : new_lo;   // never (-inf) - (-inf)
+    const float use_hi = new_hi == -INFINITY ? 0.f : new_hi;
+    corr_lo = ex2(m_lo - use_lo);   // exactly 1 when the max did not change
+    corr_hi = ex2(m_hi - use_hi);
+    m_lo = new_lo;
+    m_hi = new_hi;
+    const float k = need_mask ? 1.f : scale_log2;   // the masked path is already scaled
+    const float nu_lo = -use_lo, nu_hi = -use_hi;
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+        sc[4 * j + 0] = ex2(fmaf(sc[4 * j + 0], k, nu_lo));
+        sc[4 * j + 1] = ex2(fmaf(sc[4 * j + 1], k, nu_lo));
+        sc[4 * j + 2] = ex2(fmaf(sc[4 * j + 2], k, nu_hi));
+        sc[4 * j + 3] = ex2(fmaf(sc[4 * j + 3], k, nu_hi));
+        sum_lo += sc[4 * j + 0] + sc[4 * j + 1];
+        sum_hi += sc[4 * j + 2] + sc[4 * j + 3];
+    }
+    l_lo = l_lo * corr_lo + sum_lo;
+    l_hi = l_hi * corr_hi + sum_hi;
+}
+
+// Rescales O unless every row of this warp kept its max (corr == 1 exactly).
+template <int D>
+__device__ __forceinline__ void rescale_if_needed(float (&o)[D / 2], float corr_lo, float corr_hi) {
+    if (__any_sync(0xffffffffu, (corr_lo != 1.f) | (corr_hi != 1.f))) rescale<D>(o, corr_lo, corr_hi);
+}
+
+// A position in the K/V ring: stage index and the parity of its current fill.
+struct RingPos {
+    int stage = 0;
+    unsigned phase = 0;
+    template <int STAGES>
+    __device__ __forceinline__ void advance() {
+        if (++stage == STAGES) { stage = 0; phase ^= 1u; }
+    }
+};
+
+struct TileInfo {
+    int m_block, bh, h, b1, b0, hk, row0, n_tiles;
+};
+
+template <int BN>
+__device__ __forceinline__ TileInfo decode_tile(int tile, int Lq, int Lk, int Hq, int group, int nb1,
+                                                int num_m_blocks, int num_bh, int swz_bh, int causal) {
+    TileInfo t;
+    const int per_group = swz_bh * num_m_blocks;
+    const int grp = tile / per_group;
+    const int rem = tile - grp * per_group;
+    const int gsize = min(swz_bh, num_bh - grp * swz_bh);
+    t.m_block = num_m_blocks - 1 - rem / gsize;
+    t.bh = grp * swz_bh + rem % gsize;
+    t.h = t.bh % Hq;
+    const int bb = t.bh / Hq;
+    t.b1 = bb % nb1;
+    t.b0 = bb / nb1;
+    t.hk = t.h / group;
+    t.row0 = t.m_block * kBlockM;
+    long long k_end = Lk;
+    if (causal) {
+        const long long last_row_end = min(static_cast<long long>(t.row0) + kBlockM, static_cast<long long>(Lq));
+        k_end = min(k_end, last_row_end + Lk - Lq);
+    }
+    t.n_tiles = k_end > 0 ? static_cast<int>((k_end + BN - 1) / BN) : 0;
+    return t;
+}
+
+template <typename T, int D, int BN, int STAGES, bool OVERLAP>
+__device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& tm_k, const TmaMap& tm_v,
+                                              T* __restrict__ out, float* __restrict__ lse_out, int Lq, int Lk,
+                                              int Hq, int group, int nb1, int num_m_blocks, int num_bh,
+                                              int swz_bh, int causal, int bcast, float scale_log2, int num_tiles) {
+    using P = Plan<D, BN, STAGES>;
+    extern __shared__ unsigned char smem_raw[];
+    const unsigned raw_addr = smem_u32(smem_raw);
+    const unsigned base = (raw_addr + 1023u) & ~1023u;
+    const unsigned sQ = base, sK = base + P::kOffK, sV = base + P::kOffV;
+    const unsigned bars = base + P::kOffBar;
+    auto bar_q = [&](int w) { return bars + 8u * w; };                       // Q half w loaded
+    auto bar_q_empty = [&](int w) { return bars + 8u * (2 + w); };           // Q half w free
+    auto bar_full_k = [&](int s) { return bars + 8u * (4 + s); };
+    auto bar_full_v = [&](int s) { return bars + 8u * (4 + STAGES + s); };
+    auto bar_empty_k = [&](int s) { return bars + 8u * (4 + 2 * STAGES + s); };
+    auto bar_empty_v = [&](int s) { return bars + 8u * (4 + 3 * STAGES + s); };
+
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+            mbar_init(bar_q(w), 1);
+            mbar_init(bar_q_empty(w), 128);
+        }
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(bar_full_k(s), 1);
+            mbar_init(bar_full_v(s), 1);
+            mbar_init(bar_empty_k(s), 2 * 128);
+            mbar_init(bar_empty_v(s), 2 * 128);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (threadIdx.x < 128) {
+        // =========================== producer warpgroup ===========================================
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kProducerRegs));
+        const int pw = threadIdx.x >> 5;
+        if (pw == 0 && (threadIdx.x & 31) == 0) {
+            // K and V: one ring position per key tile, over all tiles of this block
+            tma_prefetch_map(&tm_k);
+            tma_prefetch_map(&tm_v);
+            RingPos pos;
+#pragma unroll 1
+            for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+                const TileInfo t = decode_tile<BN>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
+                const int kh = (bcast & 8) ? 0 : t.hk, kb1 = (bcast & 16) ? 0 : t.b1, kb0 = (bcast & 32) ? 0 : t.b0;
+                const int vh = (bcast & 64) ? 0 : t.hk, vb1 = (bcast & 128) ? 0 : t.b1, vb0 = (bcast & 256) ? 0 : t.b0;
+#pragma unroll 1
+                for (int it = 0; it < t.n_tiles; ++it) {
+                    const int s = pos.stage;
+                    const int key0 = (t.n_tiles - 1 - it) * BN;
+                    mbar_wait(bar_empty_k(s), pos.phase ^ 1u);
+                    mbar_arrive_expect_tx(bar_full_k(s), P::kKV);
+#pragma unroll
+                    for (int c = 0; c < static_cast<int>(P::kChunks); ++c)
+                        tma_load_5d(sK + s * P::kKV + c * (BN * 128u), &tm_k, bar_full_k(s), c * 64, key0, kh, kb1, kb0);
+                    mbar_wait(bar_empty_v(s), pos.phase ^ 1u);
+                    mbar_arrive_expect_tx(bar_full_v(s), P::kKV);
+#pragma unroll
+                    for (int c = 0; c < static_cast<int>(P::kChunks); ++c)
+                        tma_load_5d(sV + s * P::kKV + c * (BN * 128u), &tm_v, bar_full_v(s), c * 64, key0, vh, vb1, vb0);
+                    pos.advance<STAGES>();
+                }
+            }
+        } else if (pw == 1 && (threadIdx.x & 31) == 0) {
+            // Q: both 64-row halves of every tile with work, each when its warpgroup freed it
+            tma_prefetch_map(&tm_q);
+            unsigned tq = 0;
+#pragma unroll 1
+            for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+                const TileInfo t = decode_tile<BN>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
+                if (t.n_tiles == 0) continue;
+                const int qh = (bcast & 1) ? 0 : t.h, qb1 = (bcast & 2) ? 0 : t.b1, qb0 = (bcast & 4) ? 0 : t.b0;
+#pragma unroll
+                for (int w = 0; w < 2; ++w) {
+                    mbar_wait(bar_q_empty(w), (tq & 1u) ^ 1u);
+                    mbar_arrive_expect_tx(bar_q(w), P::kQHalf);
+#pragma unroll
+                    for (int c = 0; c < static_cast<int>(P::kChunks); ++c)
+                        tma_load_5d(sQ + w * P::kQHalf + c * (64u * 128u), &tm_q, bar_q(w),
+                                    c * 64, t.row0 + w * 64, qh, qb1, qb0);
+                }
+                ++tq;
+            }
+        }
+    } else {
+        // =========================== consumer warpgroups ==========================================
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kConsumerRegs));
+        const int ct = static_cast<int>(threadIdx.x) - 128;
+        const int w = ct >> 7;                  // which consumer warpgroup (0, 1)
+        const int tw = ct & 127;
+        const int warp = tw >> 5, lane = tw & 31;
+        const int g = lane >> 2, t4 = lane & 3;
+        const unsigned sQw = sQ + w * P::kQHalf;
+        const int diag = Lk - Lq;               // key j visible to row i iff j - i <= diag (causal)
+        const int my_bar = 3 + w, other_bar = 4 - w;
+        if (w == 0) named_bar_arrive(3, 256);   // warpgroup 0 issues first
+
+        RingPos pos;
+        unsigned tq = 0;
+#pragma unroll 1
+        for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+            const TileInfo t = decode_tile<BN>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
+            const int n_tiles = t.n_tiles;
+            const int wrow0 = t.row0 + w * 64;
+            const int r_lo = wrow0 + warp * 16 + g, r_hi = r_lo + 8;
+            // does key tile it (visited from the last) need the Lk / causal mask for this warpgroup?
+            auto needs_mask = [&](int key0) {
+                const long long last_col = static_cast<long long>(key0) + BN - 1;
+                return last_col >= Lk || (causal && last_col - wrow0 > diag);
+            };
+
+            float o[D / 2];
+#pragma unroll
+            for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+            float m_lo = -INFINITY, m_hi = -INFINITY;
+            float l_lo = 0.f, l_hi = 0.f;
+
+            if (n_tiles > 0) {
+                mbar_wait(bar_q(w), tq & 1u);
+                float sc[BN / 2];
+                unsigned pa[BN / 16][4];
+                float corr_lo, corr_hi;
+                if constexpr (!OVERLAP) {
+#pragma unroll 1
+                    for (int it = 0; it < n_tiles; ++it) {
+                        const int s = pos.stage;
+                        const int key0 = (n_tiles - 1 - it) * BN;
+                        mbar_wait(bar_full_k(s), pos.phase);
+                        named_bar_sync(my_bar, 256);
+                        wgmma_fence();
+                        issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);
+                        wgmma_commit();
+                        named_bar_arrive(other_bar, 256);
+                        wgmma_wait<0>();
+                        fence_regs(sc);
+                        mbar_arrive(bar_empty_k(s));
+                        softmax_fast<BN>(sc, needs_mask(key0), key0, Lk, causal, diag, r_lo, t4, scale_log2,
+                                         m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
+                        rescale_if_needed<D>(o, corr_lo, corr_hi);
+                        to_a_frags<T, BN>(sc, pa);
+                        mbar_wait(bar_full_v(s), pos.phase);
+                        fence_regs(o);
+                        wgmma_fence();
+                        issue_pv<T, D, BN>(o, pa, sV + s * P::kKV);
+                        wgmma_commit();
+                        wgmma_wait<0>();
+                        fence_regs(o);
+                        mbar_arrive(bar_empty_v(s));
+                        pos.advance<STAGES>();
+                    }
+                } else {
+                    // tile 0: S GEMM and softmax alone (O is zero, nothing to rescale)
+                    {
+                        const int s = pos.stage;
+                        const int key0 = (n_tiles - 1) * BN;
+                        mbar_wait(bar_full_k(s), pos.phase);
+                        named_bar_sync(my_bar, 256);
+                        wgmma_fence();
+                        issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);
+                        wgmma_commit();
+                        named_bar_arrive(other_bar, 256);
+                        wgmma_wait<0>();
+                        fence_regs(sc);
+                        mbar_arrive(bar_empty_k(s));
+                        softmax_fast<BN>(sc, needs_mask(key0), key0, Lk, causal, diag, r_lo, t4, scale_log2,
+                                         m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
+                        to_a_frags<T, BN>(sc, pa);
+                    }
+                    RingPos prev = pos;
+                    pos.advance<STAGES>();
+#pragma unroll 1
+                    for (int it = 1; it < n_tiles; ++it) {
+                        const int s = pos.stage, sp = prev.stage;
+                        const int key0 = (n_tiles - 1 - it) * BN;
+                        mbar_wait(bar_full_k(s), pos.phase);
+                        mbar_wait(bar_full_v(sp), prev.phase);
+                        named_bar_sync(my_bar, 256);
+                        fence_regs(o);
+                        wgmma_fence();
+                        issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);    // group 1: S_i
+                        wgmma_commit();
+                        issue_pv<T, D, BN>(o, pa, sV + sp * P::kKV);    // group 2: O += P_{i-1} V_{i-1}
+                        wgmma_commit();
+                        named_bar_arrive(other_bar, 256);
+                        wgmma_wait<1>();                                // S_i done, PV may still run
+                        fence_regs(sc);
+                        mbar_arrive(bar_empty_k(s));
+                        softmax_fast<BN>(sc, needs_mask(key0), key0, Lk, causal, diag, r_lo, t4, scale_log2,
+                                         m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
+                        wgmma_wait<0>();                                // PV_{i-1} done: pa, o free
+                        fence_regs(o);
+                        mbar_arrive(bar_empty_v(sp));
+                        rescale_if_needed<D>(o, corr_lo, corr_hi);
+                        to_a_frags<T, BN>(sc, pa);
+                        prev = pos;
+                        pos.advance<STAGES>();
+                    }
+                    mbar_wait(bar_full_v(prev.stage), prev.phase);
+                    fence_regs(o);
+                    wgmma_fence();
+                    issue_pv<T, D, BN>(o, pa, sV + prev.stage * P::kKV);
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    fence_regs(o);
+                    mbar_arrive(bar_empty_v(prev.stage));
+                }
+                mbar_arrive(bar_q_empty(w));   // every wgmma reading this Q half has completed
+                ++tq;
+            }
+
+            // ---- epilogue: normalise and store straight from registers ----------------------------
+            l_lo = quad_sum(l_lo);
+            l_hi = quad_sum(l_hi);
+            const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f;
+            const float inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
+            const long long row_base = static_cast<long long>(t.bh) * Lq;
+            if (r_lo < Lq) {
+                T* dst = out + (row_base + r_lo) * D + 2 * t4;
+#pragma unroll
+                for (int j = 0; j < D / 8; ++j)
+                    *reinterpret_cast<unsigned*>(dst + 8 * j) = pack2<T>(o[4 * j + 0] * inv_lo, o[4 * j + 1] * inv_lo);
+                if (t4 == 0) lse_out[row_base + r_lo] = l_lo > 0.f ? (m_lo + lg2(l_lo)) * kLn2 : -INFINITY;
+            }
+            if (r_hi < Lq) {
+                T* dst = out + (row_base + r_hi) * D + 2 * t4;
+#pragma unroll
+                for (int j = 0; j < D / 8; ++j)
+                    *reinterpret_cast<unsigned*>(dst + 8 * j) = pack2<T>(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
+                if (t4 == 0) lse_out[row_base + r_hi] = l_hi > 0.f ? (m_hi + lg2(l_hi)) * kLn2 : -INFINITY;
+            }
+        }
+        if (w == 0) named_bar_sync(3, 256);   // takes warpgroup 1's last arrival: both barriers balanced
+    }
+}
+
 }  // namespace sm90
 
 // ---------------------------------------------------------------------------------------------
@@ -549,13 +927,25 @@ __device__ __forceinline__ void to_a_frags(const float (&sc)[BN / 2], unsigned (
 // Tensor maps are 5-D, innermost first: (D, L, H, B1, B0). A dimension that is broadcast (stride
 // 0) has extent 1 in the map and its coordinate forced to 0 by `bcast` (bits 0-2: q's H, B1, B0;
 // 3-5: k's; 6-8: v's). out is contiguous (B0, B1, Hq, Lq, D); lse (B0, B1, Hq, Lq) float32.
-template <typename T, int D, int BN, int STAGES, bool OVERLAP>
+template <typename T, int D, int BN, int STAGES, int SCHEDULE>
 __global__ void __launch_bounds__(sm90::kThreads, 1)
 flash_fwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_constant__ sm90::TmaMap tm_k,
                       const __grid_constant__ sm90::TmaMap tm_v, T* __restrict__ out,
                       float* __restrict__ lse_out, int Lq, int Lk, int Hq, int group, int nb1,
-                      int num_m_blocks, int num_bh, int swz_bh, int causal, int bcast, float scale_log2) {
+                      int num_m_blocks, int num_bh, int swz_bh, int causal, int bcast, float scale_log2,
+                      int num_tiles) {
     using namespace sm90;
+    static_assert(SCHEDULE >= 0 && SCHEDULE <= 3, "schedule: 0 plain, 1 overlap, 2 ping-pong, 3 ping-pong + overlap");
+    if constexpr (SCHEDULE >= 2) {
+        static_assert(D % 64 == 0 && D >= 64 && D <= 256, "head dim: 64, 128, 192 or 256");
+        static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key tile");
+        static_assert(Plan<D, BN, STAGES>::kBytes <= 227 * 1024, "shared memory");
+        pingpong_body<T, D, BN, STAGES, SCHEDULE == 3>(tm_q, tm_k, tm_v, out, lse_out, Lq, Lk, Hq, group, nb1,
+                                                       num_m_blocks, num_bh, swz_bh, causal, bcast, scale_log2,
+                                                       num_tiles);
+        return;
+    } else {
+    constexpr bool OVERLAP = SCHEDULE == 1;
     using P = Plan<D, BN, STAGES>;
     static_assert(D % 64 == 0 && D >= 64 && D <= 256, "head dim: 64, 128, 192 or 256");
     static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key tile");
@@ -777,4 +1167,5 @@ flash_fwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
             if (r_hi < Lq) lse_out[row_base + r_hi] = lse_hi;
         }
     }
+    }  // SCHEDULE 0 / 1
 }

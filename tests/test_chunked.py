@@ -173,6 +173,59 @@ def test_chunks_cover_every_row_once(hkv, group, lq, rows):
     assert np.all(seen == 1)
 
 
+@pytest.mark.parametrize("hkv,group,lq,rows,tile", [(3, 2, 5, 4, 2), (3, 2, 5, 7, 2), (3, 2, 5, 30, 2),
+                                                    (2, 3, 9, 9, 4), (2, 1, 9, 100, 4), (1, 1, 9, 3, 4)])
+def test_tiled_chunks_cover_every_row_once(hkv, group, lq, rows, tile):
+    seen = np.zeros((hkv, group, lq), int)
+    for h0, h1, g0, g1, r0, r1 in _chunked.iter_chunks(hkv, group, lq, rows, tile):
+        assert (h1 - h0) * (g1 - g0) * (r1 - r0) <= rows
+        assert r1 - r0 <= tile and r0 // tile == (r1 - 1) // tile     # never across a tile edge
+        seen[h0:h1, g0:g1, r0:r1] += 1
+    assert np.all(seen == 1)
+
+
+def test_row_tile_and_pitch():
+    q = np.zeros((1, 4, 4096, 8), np.float32)
+    causal = cupyattn._api.normalize(q, q, q, causal=True)
+    assert _chunked.row_tile(causal) == 512
+    assert _chunked.row_tile(cupyattn._api.normalize(q, q, q)) == 4096
+    small = np.zeros((1, 1, 100, 8), np.float32)
+    assert _chunked.row_tile(cupyattn._api.normalize(small, small, small, causal=True)) == 100
+    assert [_chunked.row_pitch(n) for n in (1, 8, 9, 4096)] == [8, 8, 16, 4096]
+    for n in (1, 3, 100, 4096, 40000):
+        for itemsize in (4, 8):
+            tpr, rpb, vectors = _chunked.launch_shape(n, itemsize)
+            assert tpr & (tpr - 1) == 0 and 4 <= tpr <= 512 and rpb * tpr <= 512
+            assert vectors * 16 >= n * itemsize and vectors * 16 <= _chunked.row_pitch(n) * itemsize
+
+
+@pytest.mark.parametrize("case", GRAD_CASES[1:4] + [
+    Case(batch=(2,), heads_q=4, heads_kv=4, len_q=40, len_k=40, causal=True, head_dim=16, head_dim_v=16),
+    Case(heads_q=2, heads_kv=1, len_q=33, len_k=50, causal=True, mask="bool", head_dim=8, head_dim_v=8)])
+@pytest.mark.parametrize("dtype", (np.dtype(np.float32), cupyattn.bfloat16), ids=str)
+def test_causal_diagonal_tiles(xp, monkeypatch, case, dtype):
+    # small tiles so that these small causal problems are cut along the diagonal
+    monkeypatch.setattr(_chunked, "MIN_CAUSAL_TILE", 4)
+    monkeypatch.setattr(_chunked, "CAUSAL_TILES", 5)
+    monkeypatch.setattr(_chunked, "CAUSAL_TILE_ALIGN", 2)
+    case = case.with_(dtype=dtype)
+    inputs = make_inputs(xp, case)
+    problem = cupyattn._api.normalize(inputs["q"], inputs["k"], inputs["v"], **case.kwargs(inputs))
+    assert _chunked.row_tile(problem) < case.len_q
+    dout_np = np.random.default_rng(5).standard_normal(case.batch + (case.heads_q, case.len_q, case.head_dim_v))
+    dout = xp.asarray(dout_np.astype(dtype)) if xp is not np else dout_np.astype(dtype)
+    ref_out, ref_lse = reference_attention(inputs["q"], inputs["k"], inputs["v"], **case.kwargs(inputs))
+    refs = reference_backward(dout, inputs["q"], inputs["k"], inputs["v"], **case.kwargs(inputs))
+    *_, eager = run(xp, case, inputs, backend="eager", dout=dout)
+    eager_out, _ = run(xp, case, inputs, backend="eager")
+    for rows in (3, 40, 10**6):
+        out, lse, grads = run(xp, case, inputs, budget=budget_for_rows(case, rows, "backward"), dout=dout)
+        assert rel_error(out, ref_out) <= allowed_error(rel_error(eager_out, ref_out), dtype)
+        assert rel_error(lse, ref_lse) <= lse_tolerance(dtype)
+        for name, g, e, r in zip("qkv", grads, eager, refs):
+            assert rel_error(g, r) <= allowed_error(rel_error(e, r), dtype, factor=3.0), name
+
+
 def test_workspace_settings():
     assert _chunked.get_workspace_bytes() is None
     with _chunked.workspace(1234):

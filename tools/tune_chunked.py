@@ -1,0 +1,304 @@
+"""Chunked backend on one GPU: timings next to torch's efficient SDPA, where the time goes, a quick
+correctness check. One device call, well under 90 s (run from the repo root):
+
+    PYTHONPATH=. python3 tools/tune_chunked.py            # --quick: L=4k only, no budget sweep
+
+bf16, D=128, H=16, B*L = 16k tokens, L in {4k, 16k}, causal and not: chunked forward and fwd+bwd
+(CUDA events, median of 5) against torch `sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)` on the
+same memory (DLPack; skipped when torch is missing). Then one instrumented forward and backward
+per shape: every GEMM and fused-kernel call is bracketed by CUDA events (wrappers around
+`_CupySteps`' methods), giving GEMM vs softmax time, the softmax step's bytes and its achieved
+bandwidth, and the host (enqueue) time of the call, which tells whether Python is the bottleneck.
+Last lines: a compact summary.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import cupy  # noqa: E402
+
+import cupyattn  # noqa: E402
+from cupyattn import _chunked  # noqa: E402
+
+BF16 = np.dtype(cupyattn.bfloat16)
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:5.1f}s]", *a, flush=True)
+
+
+def bf16(x):
+    try:
+        return x.astype(BF16)
+    except Exception:  # noqa: BLE001 - keep the upper 16 bits
+        return (x.view(cupy.uint32) >> 16).astype(cupy.uint16).view(BF16)
+
+
+def median_ms(fn, reps=5, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = cupy.cuda.Event(), cupy.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(a, b))
+    return float(np.median(times))
+
+
+def flops(B, H, L, D, causal, op):
+    f = 4.0 * B * H * L * L * D
+    f = f / 2 if causal else f
+    return f * (3.5 if op == "fwdbwd" else 1.0)      # bwd = 2.5x fwd (5 products of 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Instrumentation: CUDA events around each step of the CuPy path.
+
+class StepTimer:
+    KINDS = {"gemm": "gemm", "softmax": "softmax", "recompute": "softmax", "dscores": "dscores"}
+
+    def __init__(self):
+        self.events = []            # (kind, start, end, bytes)
+        self.saved = {}
+
+    def __enter__(self):
+        cls = _chunked._CupySteps
+        for name in self.KINDS:
+            orig = getattr(cls, name)
+            self.saved[name] = orig
+            setattr(cls, name, self._wrap(name, orig))
+        return self
+
+    def __exit__(self, *exc):
+        for name, orig in self.saved.items():
+            setattr(_chunked._CupySteps, name, orig)
+
+    def _wrap(self, name, orig):
+        timer = self
+
+        def wrapped(steps, *args, **kw):
+            a, b = cupy.cuda.Event(), cupy.cuda.Event()
+            a.record()
+            orig(steps, *args, **kw)
+            b.record()
+            nbytes = 0
+            if name in ("softmax", "recompute"):
+                s, p = args[0], args[1]
+                nbytes = s.size * (s.itemsize + p.itemsize)          # read S once, write P (upper bound)
+            elif name == "dscores":
+                p, dp = args[0], args[1]
+                nbytes = p.size * (2 * p.itemsize + dp.itemsize)     # read P, dP, write dS
+            timer.events.append((timer.KINDS[name], a, b, nbytes))
+        return wrapped
+
+    def summary(self):
+        cupy.cuda.Device().synchronize()
+        out = {}
+        for kind, a, b, nbytes in self.events:
+            ms, by, n = out.get(kind, (0.0, 0, 0))
+            out[kind] = (ms + cupy.cuda.get_elapsed_time(a, b), by + nbytes, n + 1)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def make(B, H, L, D, seed=0, fwdbwd=False):
+    rng = cupy.random.default_rng(seed)
+    arrs = [bf16(rng.standard_normal((B, H, L, D), dtype=cupy.float32)) for _ in range(4 if fwdbwd else 3)]
+    return arrs
+
+
+def torch_fns(torch, q, k, v, dout, causal):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    F = torch.nn.functional
+
+    def conv(a):
+        try:
+            return torch.from_dlpack(a)
+        except Exception:  # noqa: BLE001
+            return torch.from_dlpack(a.view(cupy.int16)).view(torch.bfloat16)
+    tq, tk, tv = (conv(a) for a in (q, k, v))
+    tdo = conv(dout)
+    gq, gk, gv = (t.detach().clone().requires_grad_(True) for t in (tq, tk, tv))
+
+    def fwd():
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+    def fwdbwd():
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            o = F.scaled_dot_product_attention(gq, gk, gv, is_causal=causal)
+        o.backward(tdo)
+        gq.grad = gk.grad = gv.grad = None
+    return fwd, fwdbwd
+
+
+def part_timing(Ls, torch, rows):
+    H, D, tokens = 16, 128, 16384
+    for L in Ls:
+        B = max(1, tokens // L)
+        q, k, v, dout = make(B, H, L, D, fwdbwd=True)
+        for causal in (False, True):
+            res = {}
+            out_lse = {}
+
+            def c_fwd():
+                out_lse["v"] = cupyattn.attention(q, k, v, causal=causal, backend="chunked", return_lse=True)
+
+            def c_fwdbwd():
+                o, lse = cupyattn.attention(q, k, v, causal=causal, backend="chunked", return_lse=True)
+                cupyattn.attention_backward(dout, q, k, v, o, lse, causal=causal, backend="chunked")
+            res["chunked fwd"] = median_ms(c_fwd)
+            res["chunked fwdbwd"] = median_ms(c_fwdbwd)
+            if torch is not None:
+                try:
+                    t_fwd, t_fwdbwd = torch_fns(torch, q, k, v, dout, causal)
+                    res["torch fwd"] = median_ms(t_fwd)
+                    res["torch fwdbwd"] = median_ms(t_fwdbwd)
+                except Exception as exc:  # noqa: BLE001
+                    log(f"torch failed: {type(exc).__name__}: {exc}")
+
+            # one instrumented forward and backward: where the time goes, host enqueue time
+            cupy.cuda.Device().synchronize()
+            with StepTimer() as tf:
+                h0 = time.perf_counter()
+                o, lse = cupyattn.attention(q, k, v, causal=causal, backend="chunked", return_lse=True)
+                host_f = (time.perf_counter() - h0) * 1e3
+                fsum = tf.summary()
+            with StepTimer() as tb:
+                h0 = time.perf_counter()
+                cupyattn.attention_backward(dout, q, k, v, o, lse, causal=causal, backend="chunked")
+                host_b = (time.perf_counter() - h0) * 1e3
+                bsum = tb.summary()
+            problem = cupyattn._api.normalize(q, k, v, causal=causal)
+            tag = f"L={L:5d} B={B:2d} causal={'yes' if causal else 'no '}"
+            for op in ("fwd", "fwdbwd"):
+                c = res[f"chunked {op}"]
+                t = res.get(f"torch {op}")
+                tf_c = flops(B, H, L, D, causal, op) / c / 1e9
+                line = f"TIME {tag} {op:6} chunked {c:7.2f} ms {tf_c:6.1f} TFLOP/s"
+                if t:
+                    line += f" | torch-eff {t:7.2f} ms {flops(B, H, L, D, causal, op) / t / 1e9:6.1f} TFLOP/s | ratio {t / c:.2f}x"
+                log(line)
+                rows.append((tag, op, c, t))
+            for name, summ, host in (("fwd", fsum, host_f), ("bwd", bsum, host_b)):
+                parts = []
+                for kind in ("gemm", "softmax", "dscores"):
+                    if kind in summ:
+                        ms, by, n = summ[kind]
+                        bw = by / (ms * 1e-3) / 1e12 if ms > 0 else 0
+                        extra = f" {by / 1e9:.2f} GB {bw:.2f} TB/s" if by else ""
+                        parts.append(f"{kind} {ms:6.2f} ms/{n} calls{extra}")
+                log(f"SPLIT {tag} {name}: " + " | ".join(parts) + f" | host enqueue {host:6.2f} ms")
+            fr = _chunked.chunk_rows(problem, "forward")
+            log(f"PLAN  {tag} rows/chunk fwd {fr} bwd {_chunked.chunk_rows(problem, 'backward')} "
+                f"row tile {_chunked.row_tile(problem)} launch(tpr,rpb,vec)={_chunked.launch_shape(L, 4)}")
+            del out_lse
+
+
+def part_budget_sweep(torch):
+    H, D, L, B = 16, 128, 4096, 4
+    q, k, v = make(B, H, L, D, seed=1)
+    for causal in (False, True):
+        line = []
+        for mib in (64, 128, 256, 512):
+            with cupyattn.workspace(mib << 20):
+                ms = median_ms(lambda: cupyattn.attention(q, k, v, causal=causal, backend="chunked"), reps=3)
+            line.append(f"{mib}MiB {ms:6.2f}")
+        log(f"BUDGET L=4096 B=4 causal={'yes' if causal else 'no '} fwd ms: " + " | ".join(line))
+
+
+def _ref_f64(q, k, v, causal, mask=None):
+    q64, k64, v64 = (a.astype(cupy.float64) for a in (q, k, v))
+    s = cupy.matmul(q64, k64.swapaxes(-1, -2)) / math.sqrt(q.shape[-1])
+    lq, lk = q.shape[-2], k.shape[-2]
+    allowed = cupy.ones((lq, lk), bool)
+    if causal:
+        allowed &= cupy.arange(lk)[None, :] <= cupy.arange(lq)[:, None] + (lk - lq)
+    if mask is not None:
+        allowed = allowed & mask
+    s = cupy.where(allowed, s, -cupy.inf)
+    m = s.max(axis=-1, keepdims=True)
+    m = cupy.where(cupy.isneginf(m), 0.0, m)
+    p = cupy.exp(s - m)
+    den = p.sum(axis=-1, keepdims=True)
+    return cupy.matmul(p / cupy.where(den == 0, 1, den), v64), (m + cupy.log(den))[..., 0]
+
+
+def part_correctness():
+    rng = cupy.random.default_rng(5)
+    ok = True
+    cases = [("bf16 L=4096 H=2", BF16, 1, 2, 4096, 4096, 128, False, None),
+             ("bf16 causal Lq=1000 Lk=1501 (odd pitch, tiles)", BF16, 2, 3, 1000, 1501, 64, True, None),
+             ("f32 bool mask Lk=70001 (row > smem: two-pass)", np.dtype(np.float32), 1, 2, 48, 70001, 32, False, "bool")]
+    for name, dt, B, H, lq, lk, D, causal, mk in cases:
+        q = rng.standard_normal((B, H, lq, D), dtype=cupy.float32)
+        k = rng.standard_normal((B, H, lk, D), dtype=cupy.float32)
+        v = rng.standard_normal((B, H, lk, D), dtype=cupy.float32)
+        if dt == BF16:
+            q, k, v = bf16(q), bf16(k), bf16(v)
+        mask = None
+        if mk == "bool":
+            mask = rng.random((lq, lk)) < 0.7
+            mask[3] = False                          # a fully masked row
+        kw = {"causal": causal} if mask is None else {"causal": causal, "mask": mask}
+        out, lse = cupyattn.attention(q, k, v, backend="chunked", return_lse=True, **kw)
+        ref, ref_lse = _ref_f64(q, k, v, causal, mask)
+        o64 = out.astype(cupy.float64)
+        fin = cupy.isfinite(ref_lse)
+        err = float(cupy.abs(o64 - ref).max() / cupy.abs(ref).max())
+        lerr = float(cupy.abs(lse.astype(cupy.float64) - ref_lse)[fin].max()) if bool(fin.any()) else 0.0
+        same_inf = bool(cupy.all(cupy.isneginf(lse) == ~fin))
+        tol = 2e-2 if dt == BF16 else 1e-5
+        good = err < tol and lerr < 1e-3 and same_inf and not bool(cupy.isnan(o64).any())
+        ok &= good
+        log(f"CHECK {'ok  ' if good else 'FAIL'} {name}: max rel err out {err:.2e} lse {lerr:.2e} -inf rows match {same_inf}")
+    return ok
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    log(f"GPU {props['name'].decode() if isinstance(props['name'], bytes) else props['name']}, "
+        f"resident row limit {_chunked.resident_smem_limit(cupy.cuda.Device().id) // 1024} KB smem")
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            torch = None
+    except Exception:  # noqa: BLE001
+        torch = None
+    if torch is None:
+        log("torch not available: no comparison")
+    ok = part_correctness()
+    rows = []
+    part_timing((4096,) if args.quick else (4096, 16384), torch, rows)
+    if not args.quick:
+        part_budget_sweep(torch)
+    print("\n==== SUMMARY (bf16 D=128 H=16 B*L=16k; ratio = torch-eff ms / chunked ms, target fwd >= 0.6, fwdbwd >= 0.5)")
+    by = {}
+    for tag, op, c, t in rows:
+        print(f"  {tag} {op:6} chunked {c:7.2f} ms" + (f"  torch-eff {t:7.2f} ms  ratio {t / c:.2f}" if t else ""))
+        by[(tag.replace('causal=yes', 'causal=no '), tag.endswith('yes'), op)] = c
+    for (tag, causal, op), c in by.items():
+        if causal and (tag, False, op) in by:
+            print(f"  causal/non-causal time {tag.split(' causal')[0]} {op}: {c / by[(tag, False, op)]:.2f} (target ~0.55)")
+    print(f"  correctness: {'ok' if ok else 'FAILED'}   total {time.time() - T0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
