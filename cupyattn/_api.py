@@ -47,11 +47,17 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, backend="auto", r
     return (out, problem.public_lse(lse)) if return_lse else out
 
 
-def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, mask=None, backend="auto"):
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, mask=None, backend="auto",
+                       deterministic=False):
     """Gradients (dq, dk, dv) of attention, given the forward's out and lse and the output gradient.
 
     Takes the same keywords as the forward (they must match it). Gradients of inputs that were
     broadcast over batch dims are summed back to the input's shape. No gradient flows to mask.
+
+    deterministic: the flash backward adds dq up with float32 atomics by default, the fastest way,
+    so dq can differ in its last bits from run to run (dk and dv never do); True computes dq in a
+    separate pass (about 1.4x the backward's work) and gives the same bits every run. The eager and
+    chunked backends are deterministic either way.
     """
     _check_backend_name(backend)
     problem = normalize(q, k, v, causal=causal, scale=scale, mask=mask)
@@ -64,7 +70,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, mas
             dk = xp.zeros(problem.k.shape, problem.compute_dtype)
             dv = xp.zeros(problem.v.shape, problem.compute_dtype)
         else:
-            dq, dk, dv = chosen.backward(problem, dout, out, lse)
+            dq, dk, dv = chosen.backward(problem, dout, out, lse, deterministic=bool(deterministic))
         grads = []
         for grad, shape in ((dq, problem.q_shape), (dk, problem.k_shape), (dv, problem.v_shape)):
             grads.append(unbroadcast(grad, shape, problem.has_head_axis).astype(problem.dtype))

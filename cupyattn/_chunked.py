@@ -607,5 +607,5 @@ class ChunkedBackend(Backend):
     def forward(self, problem, want_lse):
         return chunked_forward(problem)
 
-    def backward(self, problem, dout, out, lse):
+    def backward(self, problem, dout, out, lse, deterministic=False):
         return chunked_backward(problem, dout, out, lse)

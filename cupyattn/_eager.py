@@ -90,7 +90,7 @@ class EagerBackend(Backend):
         return (out.reshape(shape + (problem.head_dim_v,)).astype(problem.dtype),
                 lse.reshape(shape).astype(problem.lse_dtype))
 
-    def backward(self, problem, dout, out, lse):
+    def backward(self, problem, dout, out, lse, deterministic=False):
         xp, ct = problem.xp, problem.compute_dtype
         with _errstate(xp):
             probs = probs_from_lse(xp, visible_scores(problem), grouped(problem, lse[..., None])[..., 0])

@@ -40,9 +40,6 @@ POISON_OUTPUTS = False
 # False keeps the Hopper kernel out (tests use it to cover the sm80 kernel on an H100 too).
 HOPPER_KERNEL = True
 
-# Backward computes dQ with float32 atomics by default (fastest; dK and dV are bitwise
-# reproducible, dQ only up to summation order). True: a separate dQ pass, same bits every run.
-DETERMINISTIC_BACKWARD = False
 
 
 def config(width: int) -> Tuple[int, int, int]:
@@ -210,8 +207,8 @@ class FlashBackend(Backend):
     def backward_reasons(self, problem):
         return _flash_bwd.backward_reasons(problem)
 
-    def backward(self, problem, dout, out, lse):
-        return _flash_bwd.flash_backward(problem, dout, out, lse, deterministic=DETERMINISTIC_BACKWARD)
+    def backward(self, problem, dout, out, lse, deterministic=False):
+        return _flash_bwd.flash_backward(problem, dout, out, lse, deterministic=deterministic)
 
     def notes(self, problem):
         if problem.library != "cupy":

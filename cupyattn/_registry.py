@@ -36,9 +36,10 @@ class Backend:
         """Return (out, lse) in internal shapes: batch_shape + (Hq, Lq, Dv) and + (Hq, Lq)."""
         raise NotImplementedError
 
-    def backward(self, problem: Problem, dout, out, lse):
+    def backward(self, problem: Problem, dout, out, lse, deterministic: bool = False):
         """Return (dq, dk, dv) shaped like the broadcast views problem.q, problem.k, problem.v,
-        in the accumulation dtype; the caller sums broadcast axes and casts."""
+        in the accumulation dtype; the caller sums broadcast axes and casts. deterministic=True
+        asks for the same bits on every run (backends whose sums have a fixed order ignore it)."""
         raise NotImplementedError
 
 

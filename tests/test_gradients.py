@@ -87,3 +87,16 @@ def test_gradients_of_broadcast_inputs_are_summed_back(xp):
     refs = reference_backward(dout, q, k, v)
     for grad, ref in zip((dq, dk, dv), refs):
         assert rel_error(grad, ref) <= tolerance(np.float64)
+
+
+def test_deterministic_flag_gives_identical_bits(xp):
+    # the public flag reaches the backend (flash's own bit-equality tests are in test_flash_bwd.py)
+    case = Case(len_q=9, len_k=13, causal=True, seed=14)
+    inputs = make_inputs(xp, case)
+    out, lse = cupyattn.attention(inputs["q"], inputs["k"], inputs["v"], return_lse=True, causal=True)
+    dout = np.random.default_rng(14).standard_normal(out.shape).astype(out.dtype)
+    dout = dout if xp is np else xp.asarray(dout)
+    runs = [cupyattn.attention_backward(dout, inputs["q"], inputs["k"], inputs["v"], out, lse, causal=True,
+                                        deterministic=True) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert np.array_equal(as_float64(a), as_float64(b))
