@@ -143,4 +143,52 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Global -> shared tile loads shared by the flash kernels (sm80 forward and backward)
+
+// One element of an additive bias of run-time dtype (0 half, 1 bfloat16, 2 float, 3 double).
+__device__ __forceinline__ float load_bias(const void* p, long long off, int dtype) {
+    switch (dtype) {
+        case 0: return __half2float(static_cast<const __half*>(p)[off]);
+        case 1: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[off]);
+        case 2: return static_cast<const float*>(p)[off];
+        default: return static_cast<float>(static_cast<const double*>(p)[off]);
+    }
+}
+
+// Loads rows [0, ROWS) of a tile whose row r starts at g + r * ld into s (row pitch HD + 8
+// elements: the 16 extra bytes keep ldmatrix free of bank conflicts); rows >= nrows and columns
+// >= ncols become zero. vec: 16-byte cp.async (needs ncols % 8 == 0 and 16-byte aligned rows),
+// else element-wise loads and stores. `safe` is any valid global address: the source operand of
+// a zero-filling cp.async must still be one.
+template <typename T, int ROWS, int HD, int NT>
+__device__ __forceinline__ void load_tile(T* s, const T* g, long long ld, int nrows, int ncols,
+                                          bool vec, int tid, const T* safe) {
+    constexpr int LDS = HD + 8;
+    if (vec) {
+        constexpr int CPR = HD / 8;
+        constexpr int TOTAL = ROWS * CPR;
+#pragma unroll 1
+        for (int c0 = 0; c0 < TOTAL; c0 += NT) {
+            const int c = c0 + tid;
+            if (TOTAL % NT == 0 || c < TOTAL) {
+                const int r = c / CPR, ch = c % CPR;
+                const bool ok = r < nrows && ch * 8 < ncols;
+                const T* src = ok ? g + static_cast<long long>(r) * ld + ch * 8 : safe;
+                cp_async_16(smem_u32(s + r * LDS + ch * 8), src, ok ? 16 : 0);
+            }
+        }
+    } else {
+        const unsigned short* gs = reinterpret_cast<const unsigned short*>(g);
+        unsigned short* ss = reinterpret_cast<unsigned short*>(s);
+#pragma unroll 1
+        for (int e = tid; e < ROWS * HD; e += NT) {
+            const int r = e / HD, c = e % HD;
+            unsigned short val = 0;
+            if (r < nrows && c < ncols) val = gs[static_cast<long long>(r) * ld + c];
+            ss[r * LDS + c] = val;
+        }
+    }
+}
+
 }  // namespace cupyattn

@@ -50,49 +50,6 @@ __device__ __forceinline__ void cp_async_4(unsigned dst_smem, const void* src_gm
                  :: "r"(dst_smem), "l"(src_gmem), "r"(src_bytes) : "memory");
 }
 
-__device__ __forceinline__ float bwd_load_bias(const void* p, long long off, int dtype) {
-    switch (dtype) {
-        case 0: return __half2float(static_cast<const __half*>(p)[off]);
-        case 1: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[off]);
-        case 2: return static_cast<const float*>(p)[off];
-        default: return static_cast<float>(static_cast<const double*>(p)[off]);
-    }
-}
-
-// Loads rows [0, ROWS) of a tile whose row r starts at g + r * ld into s (pitch HD + 8); rows >=
-// nrows and columns >= ncols become zero. vec: 16-byte cp.async (needs ncols % 8 == 0 and 16-byte
-// aligned rows), else element-wise loads and stores. `safe` is any valid global address (the
-// source operand of a zero-filling cp.async).
-template <typename T, int ROWS, int HD, int NT>
-__device__ __forceinline__ void bwd_load_tile(T* s, const T* g, long long ld, int nrows, int ncols,
-                                              bool vec, int tid, const T* safe) {
-    constexpr int LDS = HD + 8;
-    if (vec) {
-        constexpr int CPR = HD / 8;
-        constexpr int TOTAL = ROWS * CPR;
-#pragma unroll 1
-        for (int c0 = 0; c0 < TOTAL; c0 += NT) {
-            const int c = c0 + tid;
-            if (TOTAL % NT == 0 || c < TOTAL) {
-                const int r = c / CPR, ch = c % CPR;
-                const bool ok = r < nrows && ch * 8 < ncols;
-                const T* src = ok ? g + static_cast<long long>(r) * ld + ch * 8 : safe;
-                cp_async_16(smem_u32(s + r * LDS + ch * 8), src, ok ? 16 : 0);
-            }
-        }
-    } else {
-        const unsigned short* gs = reinterpret_cast<const unsigned short*>(g);
-        unsigned short* ss = reinterpret_cast<unsigned short*>(s);
-#pragma unroll 1
-        for (int e = tid; e < ROWS * HD; e += NT) {
-            const int r = e / HD, c = e % HD;
-            unsigned short val = 0;
-            if (r < nrows && c < ncols) val = gs[static_cast<long long>(r) * ld + c];
-            ss[r * LDS + c] = val;
-        }
-    }
-}
-
 // Two packed T from the fp32 C fragment pair (c[lo], c[lo + 1]).
 template <typename T>
 __device__ __forceinline__ void c_to_a(unsigned* a, const float* c0, const float* c1) {
@@ -274,9 +231,9 @@ flash_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
         const int hq = hkv * group + it / n_m;
         const int m0 = (m_begin + it % n_m) * BLOCK_M;
         const T* qg = q_bb + hq * q_h + static_cast<long long>(m0) * q_l;
-        bwd_load_tile<T, BLOCK_M, HD, NT>(sQ + st * BLOCK_M * LDS, qg, q_l, Lq - m0, D, vec_q, tid, q);
+        load_tile<T, BLOCK_M, HD, NT>(sQ + st * BLOCK_M * LDS, qg, q_l, Lq - m0, D, vec_q, tid, q);
         const long long row0 = (bflat * Hq + hq) * Lq + m0;
-        bwd_load_tile<T, BLOCK_M, HD, NT>(sdO + st * BLOCK_M * LDS, dout + row0 * Dv, Dv, Lq - m0, Dv,
+        load_tile<T, BLOCK_M, HD, NT>(sdO + st * BLOCK_M * LDS, dout + row0 * Dv, Dv, Lq - m0, Dv,
                                           vec_do, tid, dout);
         if (tid < BLOCK_M) {
             const bool ok = m0 + tid < Lq;
@@ -293,8 +250,8 @@ flash_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     {
         const T* kg = k + b0 * k_b0 + b1 * k_b1 + hkv * k_h + static_cast<long long>(n0) * k_l;
         const T* vg = v + b0 * v_b0 + b1 * v_b1 + hkv * v_h + static_cast<long long>(n0) * v_l;
-        bwd_load_tile<T, BLOCK_N, HD, NT>(sK, kg, k_l, Lk - n0, D, vec_k, tid, k);
-        bwd_load_tile<T, BLOCK_N, HD, NT>(sV, vg, v_l, Lk - n0, Dv, vec_v, tid, v);
+        load_tile<T, BLOCK_N, HD, NT>(sK, kg, k_l, Lk - n0, D, vec_k, tid, k);
+        load_tile<T, BLOCK_N, HD, NT>(sV, vg, v_l, Lk - n0, Dv, vec_v, tid, v);
         if (n_iter > 0) issue(0, 0);
     }
     cp_async_commit();
@@ -390,7 +347,7 @@ flash_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
                             const long long mo = mbase + static_cast<long long>(qi) * m_q
                                                  + static_cast<long long>(key) * m_k;
                             if (mask_kind == 1) vis = static_cast<const unsigned char*>(mask)[mo] != 0;
-                            else x += bwd_load_bias(mask, mo, bias_dtype) * kLog2e;
+                            else x += load_bias(mask, mo, bias_dtype) * kLog2e;
                         }
                     }
                     s[km][i][e] = vis ? fast_exp2(x - ((e & 1) ? l2.y : l2.x)) : 0.f;
@@ -656,11 +613,11 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     const long long rowbase = (bflat * Hq + hq) * Lq;
 
     if (n_tiles > 0) {
-        bwd_load_tile<T, BLOCK_M, HD, NT>(sQ, q + b0 * q_b0 + b1 * q_b1 + hq * q_h + static_cast<long long>(m0) * q_l,
+        load_tile<T, BLOCK_M, HD, NT>(sQ, q + b0 * q_b0 + b1 * q_b1 + hq * q_h + static_cast<long long>(m0) * q_l,
                                           q_l, Lq - m0, D, vec_q, tid, q);
-        bwd_load_tile<T, BLOCK_M, HD, NT>(sdO, dout + (rowbase + m0) * Dv, Dv, Lq - m0, Dv, vec_do, tid, dout);
-        bwd_load_tile<T, BLOCK_N, HD, NT>(sK, k_base, k_l, k_end, D, vec_k, tid, k);
-        bwd_load_tile<T, BLOCK_N, HD, NT>(sV, v_base, v_l, k_end, Dv, vec_v, tid, v);
+        load_tile<T, BLOCK_M, HD, NT>(sdO, dout + (rowbase + m0) * Dv, Dv, Lq - m0, Dv, vec_do, tid, dout);
+        load_tile<T, BLOCK_N, HD, NT>(sK, k_base, k_l, k_end, D, vec_k, tid, k);
+        load_tile<T, BLOCK_N, HD, NT>(sV, v_base, v_l, k_end, Dv, vec_v, tid, v);
     }
     cp_async_commit();
 
@@ -691,9 +648,9 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
         if (j + 1 < n_tiles) {
             const int n1 = (j + 1) * BLOCK_N;
             const int st = (j + 1) & 1;
-            bwd_load_tile<T, BLOCK_N, HD, NT>(sK + st * BLOCK_N * LDS, k_base + static_cast<long long>(n1) * k_l, k_l,
+            load_tile<T, BLOCK_N, HD, NT>(sK + st * BLOCK_N * LDS, k_base + static_cast<long long>(n1) * k_l, k_l,
                                               k_end - n1, D, vec_k, tid, k);
-            bwd_load_tile<T, BLOCK_N, HD, NT>(sV + st * BLOCK_N * LDS, v_base + static_cast<long long>(n1) * v_l, v_l,
+            load_tile<T, BLOCK_N, HD, NT>(sV + st * BLOCK_N * LDS, v_base + static_cast<long long>(n1) * v_l, v_l,
                                               k_end - n1, Dv, vec_v, tid, v);
         }
         cp_async_commit();
@@ -740,7 +697,7 @@ flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     if (MASKED && vis) {
                         const long long mo = mrow[r] + static_cast<long long>(col) * m_k;
                         if (mask_kind == 1) vis = static_cast<const unsigned char*>(mask)[mo] != 0;
-                        else x += bwd_load_bias(mask, mo, bias_dtype) * kLog2e;
+                        else x += load_bias(mask, mo, bias_dtype) * kLog2e;
                     }
                 }
                 s[i][e] = vis ? fast_exp2(x - l2[r]) : 0.f;

@@ -30,47 +30,6 @@ struct SmemLayout {
     static constexpr int LDS = HD + 8;   // row pitch in elements: +16 bytes keeps ldmatrix conflict-free
 };
 
-__device__ __forceinline__ float load_bias(const void* p, long long off, int dtype) {
-    switch (dtype) {
-        case 0: return __half2float(static_cast<const __half*>(p)[off]);
-        case 1: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[off]);
-        case 2: return static_cast<const float*>(p)[off];
-        default: return static_cast<float>(static_cast<const double*>(p)[off]);
-    }
-}
-
-// Loads rows [0, ROWS) of a tile whose row r starts at g + r * ld into s (pitch LDS); rows >= nrows
-// and columns >= ncols become zero. VEC: 16-byte cp.async (needs ncols % 8 == 0, 16-byte aligned
-// rows); otherwise element-wise loads and stores.
-template <typename T, int ROWS, int HD, int NT>
-__device__ __forceinline__ void load_tile(T* s, const T* g, long long ld, int nrows, int ncols,
-                                          bool vec, int tid) {
-    constexpr int LDS = SmemLayout<HD>::LDS;
-    if (vec) {
-        constexpr int CPR = HD / 8;
-        constexpr int TOTAL = ROWS * CPR;
-#pragma unroll 1
-        for (int c0 = 0; c0 < TOTAL; c0 += NT) {
-            const int c = c0 + tid;
-            if (TOTAL % NT == 0 || c < TOTAL) {
-                const int r = c / CPR, ch = c % CPR;
-                const bool ok = r < nrows && ch * 8 < ncols;
-                const T* src = ok ? g + static_cast<long long>(r) * ld + ch * 8 : g;
-                cp_async_16(smem_u32(s + r * LDS + ch * 8), src, ok ? 16 : 0);
-            }
-        }
-    } else {
-        const unsigned short* gs = reinterpret_cast<const unsigned short*>(g);
-        unsigned short* ss = reinterpret_cast<unsigned short*>(s);
-        for (int e = tid; e < ROWS * HD; e += NT) {
-            const int r = e / HD, c = e % HD;
-            unsigned short val = 0;
-            if (r < nrows && c < ncols) val = gs[static_cast<long long>(r) * ld + c];
-            ss[r * LDS + c] = val;
-        }
-    }
-}
-
 }  // namespace
 
 template <typename T, int HD, int BLOCK_M, int BLOCK_N, int NWARPS, int MASK_KIND>
@@ -164,8 +123,8 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
                 ss[r * LDS + c] = val;
             }
         }
-        load_tile<T, BLOCK_N, HD, NT>(sK, k_base + k_begin * k_l, k_l, k_end - k_begin, D, vec_k, tid);
-        load_tile<T, BLOCK_N, HD, NT>(sV, v_base + k_begin * v_l, v_l, k_end - k_begin, Dv, vec_v, tid);
+        load_tile<T, BLOCK_N, HD, NT>(sK, k_base + k_begin * k_l, k_l, k_end - k_begin, D, vec_k, tid, k);
+        load_tile<T, BLOCK_N, HD, NT>(sV, v_base + k_begin * v_l, v_l, k_end - k_begin, Dv, vec_v, tid, v);
     }
     cp_async_commit();
 
@@ -211,9 +170,9 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
             const int n1 = k_begin + (j + 1) * BLOCK_N;
             const int st = (j + 1) & 1;
             load_tile<T, BLOCK_N, HD, NT>(sK + st * BLOCK_N * LDS, k_base + n1 * k_l, k_l, k_end - n1, D,
-                                          vec_k, tid);
+                                          vec_k, tid, k);
             load_tile<T, BLOCK_N, HD, NT>(sV + st * BLOCK_N * LDS, v_base + n1 * v_l, v_l, k_end - n1, Dv,
-                                          vec_v, tid);
+                                          vec_v, tid, v);
         }
         cp_async_commit();
 
