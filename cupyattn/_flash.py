@@ -215,8 +215,9 @@ class FlashBackend(Backend):
             return []
         hopper_why = self.hopper_reasons(problem)
         if not hopper_why:
-            return [f"Hopper kernel {_flash_sm90.kernel_name(problem.dtype, problem.head_dim, _flash_sm90.VARIANT or _flash_sm90.choose_variant(problem))} "
-                    f"(wgmma + TMA, warp-specialised)"] + _flash_bwd.backward_notes(problem)
+            grid = "persistent grid" if _flash_sm90.persistent_grid(problem) else "one block per tile"
+            return [f"Hopper kernel {_flash_sm90.kernel_name(problem.dtype, problem.head_dim)} "
+                    f"(wgmma + TMA, warp-specialised, {grid})"] + _flash_bwd.backward_notes(problem)
         out = ["sm80 kernel (mma.sync) because the Hopper kernel cannot run: " + "; ".join(hopper_why)]
         return out + self._sm80_notes(problem) + _flash_bwd.backward_notes(problem)
 

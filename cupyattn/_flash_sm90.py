@@ -19,7 +19,7 @@ import ctypes
 import functools
 import itertools
 import math
-from typing import List, NamedTuple, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
@@ -39,88 +39,50 @@ _MAX_LEN = 2**31 - 1024                   # TMA coordinates and row indices are 
 _SMEM_LIMIT = 227 * 1024
 
 
-class Variant(NamedTuple):
-    """One way of running the kernel: the consumer schedule (template parameter SCHEDULE),
-    (BN, stages) per head dim, and whether the grid is persistent (one block per SM looping
-    over tiles; only the ping-pong schedules loop)."""
-    schedule: int          # 0 plain, 1 overlap, 2 ping-pong, 3 ping-pong + intra-warpgroup overlap
-    configs: dict
-    persistent: bool = False
-
-
-# Schedules (kernels_cu/flash_fwd_sm90.cu, template parameter SCHEDULE):
-#   0 plain: per key tile S GEMM, wait, softmax, PV GEMM, wait (the proven default).
-#   1 overlap: the S GEMM of tile i is issued with the PV GEMM of tile i-1.
-#   2 ping-pong: the two consumer warpgroups take turns issuing GEMMs (named barriers), so one's
-#     softmax runs under the other's GEMMs; K and V released separately; FFMA-folded softmax;
-#     O rescaled only when a max changed; epilogue stored from registers.
-#   3 ping-pong + the intra-warpgroup overlap of schedule 1.
-# "-persist": one block per SM looping over the tiles (heaviest causal tiles first per group).
-# "-s3": three K/V stages at D=128 (224 KB of shared memory).
-VARIANTS = {
-    "plain": Variant(0, CONFIGS),
-    "pp-ovl": Variant(3, CONFIGS),
-    "pp-ovl-persist": Variant(3, CONFIGS, True),
-}
-# tools/tune_sm90.py also measured "overlap" (1), "pp" (2), "pp-persist" and three K/V stages at
-# D=128 on an H200 (2026-11-28); none beat the two ping-pong variants kept here by more than noise.
-
-# None: choose per problem (choose_variant); a VARIANTS name forces that variant (tests, tuning).
-VARIANT = None
-
-
-def choose_variant(problem: Problem) -> str:
-    """The persistent grid wins everywhere (short tails, no per-tile prologue) except long causal
-    problems, where its static striding over uneven tiles leaves SMs idle at the end: there the
-    one-block-per-tile grid, scheduled by the hardware, is faster (H200, 2026-11-28: D=256,
-    L=16k causal 566 vs 360 TFLOP/s; D=128 540 vs 508)."""
-    if problem.causal and problem.len_k >= 8192:
-        return "pp-ovl"
-    return "pp-ovl-persist"
-
-
 # Tests set this (or pass poison=True) to fill out and lse with NaN before every launch, so rows
 # the kernel forgets to write cannot pass.
 POISON_OUTPUTS = False
 
-
-def _variant(variant) -> Variant:
-    """A Variant from its name."""
-    if isinstance(variant, Variant):
-        return variant
-    try:
-        return VARIANTS[variant]
-    except KeyError:
-        raise ValueError(f"unknown sm90 variant {variant!r} (known: {sorted(VARIANTS)})") from None
+# None: choose per problem (persistent_grid); True/False force the grid (tests, tuning).
+PERSISTENT = None
 
 
-def kernel_name(dtype, head_dim: int, variant: str) -> str:
-    """The C++ name of the instantiation of `variant` (a VARIANTS name)."""
-    v = _variant(variant)
-    bn, stages = v.configs[head_dim]
-    return f"flash_fwd_sm90_kernel<{_CTYPES[np.dtype(dtype)]}, {head_dim}, {bn}, {stages}, {v.schedule}>"
+def persistent_grid(problem: Problem) -> bool:
+    """One block per SM looping over the tiles wins almost everywhere (short tails, no per-tile
+    prologue) except long causal problems, where its static striding over tiles of uneven cost
+    leaves SMs idle at the end; there one block per tile, scheduled by the hardware, is faster
+    (tools/tune_sm90.py on an H200, 2026-11-28: D=256, L=16k causal 566 vs 360 TFLOP/s; D=128
+    540 vs 508; at L=4k causal the persistent grid was ahead, 447 vs 369 at D=128).
+    The module's PERSISTENT, when set, overrides the choice."""
+    if PERSISTENT is not None:
+        return bool(PERSISTENT)
+    return not (problem.causal and problem.len_k >= 8192)
 
 
-def spec_for(dtype, head_dim: int, variant: str) -> KernelSpec:
-    return KernelSpec(source=SOURCE, name=kernel_name(dtype, head_dim, variant), hopper_only=True)
+def kernel_name(dtype, head_dim: int) -> str:
+    """The C++ name of the instantiation for `dtype` and `head_dim`."""
+    bn, stages = CONFIGS[head_dim]
+    return f"flash_fwd_sm90_kernel<{_CTYPES[np.dtype(dtype)]}, {head_dim}, {bn}, {stages}>"
 
 
-def kernel_specs(variants=None) -> List[KernelSpec]:
-    """Every instantiation of the given variants (default: all of them), without duplicates."""
-    names = list(VARIANTS) if variants is None else list(variants)
-    specs = [spec_for(dt, d, name) for name in names for dt in (FLOAT16, BFLOAT16) for d in HEAD_DIMS]
-    return list(dict.fromkeys(specs))
+def spec_for(dtype, head_dim: int) -> KernelSpec:
+    return KernelSpec(source=SOURCE, name=kernel_name(dtype, head_dim), hopper_only=True)
 
 
-def smem_bytes(head_dim: int, variant: str) -> int:
+def kernel_specs() -> List[KernelSpec]:
+    """Every instantiation forward() can request."""
+    return [spec_for(dt, d) for dt in (FLOAT16, BFLOAT16) for d in HEAD_DIMS]
+
+
+def smem_bytes(head_dim: int) -> int:
     """Dynamic shared memory of one block; mirrors sm90::Plan in the kernel source."""
-    bn, stages = _variant(variant).configs[head_dim]
+    bn, stages = CONFIGS[head_dim]
     q = BLOCK_M * head_dim * 2
     kv = bn * head_dim * 2
     return q + 2 * stages * kv + 8 * (4 + 4 * stages) + 1024
 
 
-assert all(smem_bytes(d, v) <= _SMEM_LIMIT for d in HEAD_DIMS for v in VARIANTS)
+assert all(smem_bytes(d) <= _SMEM_LIMIT for d in HEAD_DIMS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,17 +231,18 @@ def _dim_entry(extent, stride, placeholder):
     return extent, stride, False
 
 
-def forward(problem: Problem, poison=None, variant=None) -> Tuple[object, object]:
+def forward(problem: Problem, poison=None, persistent=None) -> Tuple[object, object]:
     """(out, lse): out batch_shape + (Hq, Lq, D) in problem.dtype, lse batch_shape + (Hq, Lq) float32.
 
     poison: fill the outputs with NaN before the launch (default: the module's POISON_OUTPUTS);
-    variant: a VARIANTS name (default: the module's VARIANT, else choose_variant(problem))."""
+    persistent: one block per SM (True) or per tile (False); default: persistent_grid(problem)."""
     reasons = supports(problem)
     if reasons:
         raise ValueError("the sm90 flash kernel cannot run this problem: " + "; ".join(reasons))
     import cupy
     poison = POISON_OUTPUTS if poison is None else poison
-    var = _variant(variant or VARIANT or choose_variant(problem))
+    if persistent is None:
+        persistent = persistent_grid(problem)
     D, Lq, Lk, Hq, Hkv = problem.head_dim, problem.len_q, problem.len_k, problem.num_heads_q, problem.num_heads_kv
     dtype = problem.dtype
     out = cupy.empty(problem.batch_shape + (Hq, Lq, D), dtype=dtype)
@@ -302,15 +265,15 @@ def forward(problem: Problem, poison=None, variant=None) -> Tuple[object, object
         kept.insert(0, (1, (0, 0, 0)))
     (nb0, st0), (nb1, st1) = kept
 
-    bn, stages = var.configs[D]
+    bn, stages = CONFIGS[D]
     group = Hq // Hkv
     num_m = -(-Lq // BLOCK_M)
     num_bh = nb0 * nb1 * Hq
     num_tiles = num_m * num_bh
     device = cupy.cuda.Device(problem.device_id)
-    fn = get_function(spec_for(dtype, D, var), device)
-    nbytes = smem_bytes(D, var)
-    grid = min(num_tiles, _sm_count(device.id)) if (var.persistent and var.schedule >= 2) else num_tiles
+    fn = get_function(spec_for(dtype, D), device)
+    nbytes = smem_bytes(D)
+    grid = min(num_tiles, _sm_count(device.id)) if persistent else num_tiles
     set_dynamic_shared_memory(fn, nbytes)
     swz_bh = _swizzle_width(device, Lk, D, group, num_bh)
     scale_log2 = np.float32(problem.scale * math.log2(math.e))

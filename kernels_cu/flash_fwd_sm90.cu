@@ -1,14 +1,19 @@
 // Flash attention forward for Hopper (sm_90a): TMA + mbarrier ring + wgmma, warp-specialised.
 //
-// One block (384 threads) owns BLOCK_M = 128 query rows of one (batch, q-head):
-//   warpgroup 0   producer: after setmaxnreg.dec, one thread issues every TMA load (Q once, then
-//                 K and V tiles into a STAGES-deep shared-memory ring; full barriers carry the
-//                 transaction bytes, empty barriers are released by the consumers).
+// One block (384 threads) works on tiles of BLOCK_M = 128 query rows of one (batch, q-head):
+//   warpgroup 0   producer: after setmaxnreg.dec, warp 0 streams K and V tiles by TMA into a
+//                 STAGES-deep shared-memory ring (full barriers carry the transaction bytes, empty
+//                 barriers are released by the consumers, K and V separately); warp 1 loads Q, one
+//                 64-row half per consumer warpgroup.
 //   warpgroups 1,2 consumers: each owns 64 query rows. Per key tile: S = Q K^T with wgmma
 //                 (A = Q and B = K from shared memory, K-major, 128-byte swizzle), online softmax
 //                 in registers (exp2, scale*log2(e) folded in), P converted in registers to the
 //                 wgmma A-fragment layout, O += P V with wgmma (A from registers, B = V from
-//                 shared memory, MN-major, i.e. trans-b), then the stage is released.
+//                 shared memory, MN-major, i.e. trans-b).
+// Overlap, at two levels (see pingpong_body): the two consumer warpgroups take turns on the
+// tensor cores (ping-pong), so one's softmax runs under the other's GEMMs; and inside a warpgroup
+// the S GEMM of tile i is issued together with the PV GEMM of tile i-1, so the softmax of tile i
+// runs while that PV GEMM is still on the tensor cores.
 // Key tiles are visited from the last to the first so the masked tiles (the causal diagonal, the
 // partial tile at Lk) come first. Causal is bottom-right: query i sees key j iff j <= i + Lk - Lq.
 //
@@ -18,15 +23,8 @@
 // long as every chunk starts 1024-byte aligned).
 //
 // Template parameters: T (__half / __nv_bfloat16), D (head dim = Dv: 64, 128, 256), BN (keys per
-// tile), STAGES (ring depth), SCHEDULE:
-//   0 plain: S, softmax, PV per tile (the proven default);
-//   1 overlap: issue the next S GEMM together with the current PV GEMM and run the softmax under
-//     the PV GEMM;
-//   2 ping-pong: the consumer warpgroups take turns on the tensor cores (named barriers), K and V
-//     stages released separately, persistent-capable tile loop (see pingpong_body below);
-//   3 ping-pong + the intra-warpgroup overlap of schedule 1.
-// Schedules 0 and 1 run one tile per block; 2 and 3 loop over tiles blockIdx.x, +gridDim.x, ...
-// (the host launches either one block per tile or one per SM). The last kernel argument,
+// tile), STAGES (ring depth). Each block loops over tiles blockIdx.x, +gridDim.x, ...: the host
+// launches one block per tile or, for a persistent grid, one per SM. The last kernel argument,
 // num_tiles, is the number of 128-row tiles (m-blocks x batch x heads).
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -440,7 +438,7 @@ struct Plan {
     static constexpr unsigned kOffK = kQ;
     static constexpr unsigned kOffV = kOffK + STAGES * kKV;
     static constexpr unsigned kOffBar = kOffV + STAGES * kKV;
-    static constexpr unsigned kBars = 4 + 4 * STAGES;   // old schedules use the first 1 + 3 * STAGES
+    static constexpr unsigned kBars = 4 + 4 * STAGES;   // Q full/empty per consumer; K, V full/empty per stage
     static constexpr unsigned kBytes = kOffBar + 8 * kBars + 1024;   // + slack for aligning the base
 };
 
@@ -467,61 +465,6 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const unsigned (&pa)
         const unsigned long long db = make_desc(sVs + kk * 2048u, BN * 128u, 1024u);
         Wgmma<T, D>::rs(o, pa[kk], db, 1);
     }
-}
-
-// Online softmax of one score tile in place: scale into the log2 domain, hide keys >= Lk and
-// (causal) keys above the diagonal, update the running max m_* and this thread's partial sums
-// l_*, leave exp2(x - max) in sc and return the factors that rescale the old accumulator.
-template <int BN>
-__device__ __forceinline__ void softmax_tile(float (&sc)[BN / 2], int key0, int Lk, int causal, int diag,
-                                             int wrow0, int r_lo, int t4, float scale_log2,
-                                             float& m_lo, float& m_hi, float& l_lo, float& l_hi,
-                                             float& corr_lo, float& corr_hi) {
-    const long long last_col = static_cast<long long>(key0) + BN - 1;
-    const bool need_mask = last_col >= Lk || (causal && last_col - wrow0 > diag);
-    if (need_mask) {
-        const int r_hi = r_lo + 8;
-#pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int col = key0 + 8 * j + 2 * t4 + (e & 1);
-                const int row = e < 2 ? r_lo : r_hi;
-                const bool hide = col >= Lk || (causal && col - row > diag);
-                sc[4 * j + e] = hide ? -INFINITY : sc[4 * j + e] * scale_log2;
-            }
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) sc[i] *= scale_log2;
-    }
-    float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-        mx_lo = fmaxf(mx_lo, fmaxf(sc[4 * j + 0], sc[4 * j + 1]));
-        mx_hi = fmaxf(mx_hi, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
-    }
-    mx_lo = quad_max(mx_lo);
-    mx_hi = quad_max(mx_hi);
-    const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
-    const float use_lo = new_lo == -INFINITY ? 0.f : new_lo;   // never (-inf) - (-inf)
-    const float use_hi = new_hi == -INFINITY ? 0.f : new_hi;
-    corr_lo = ex2(m_lo - use_lo);
-    corr_hi = ex2(m_hi - use_hi);
-    m_lo = new_lo;
-    m_hi = new_hi;
-    float sum_lo = 0.f, sum_hi = 0.f;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-        sc[4 * j + 0] = ex2(sc[4 * j + 0] - use_lo);
-        sc[4 * j + 1] = ex2(sc[4 * j + 1] - use_lo);
-        sc[4 * j + 2] = ex2(sc[4 * j + 2] - use_hi);
-        sc[4 * j + 3] = ex2(sc[4 * j + 3] - use_hi);
-        sum_lo += sc[4 * j + 0] + sc[4 * j + 1];
-        sum_hi += sc[4 * j + 2] + sc[4 * j + 3];
-    }
-    l_lo = l_lo * corr_lo + sum_lo;
-    l_hi = l_hi * corr_hi + sum_hi;
 }
 
 template <int D>
@@ -552,7 +495,7 @@ __device__ __forceinline__ void to_a_frags(const float (&sc)[BN / 2], unsigned (
 
 
 // ================================================================================================
-// Ping-pong schedules (SCHEDULE 2: plain loop per warpgroup, 3: intra-warpgroup overlap), written
+// The consumer loop: ping-pong between warpgroups plus intra-warpgroup overlap, written
 // for a persistent grid (each block loops over tiles blockIdx.x, +gridDim.x, ...; the host may
 // also launch one block per tile, then the loop runs once).
 //
@@ -679,7 +622,7 @@ __device__ __forceinline__ TileInfo decode_tile(int tile, int Lq, int Lk, int Hq
     return t;
 }
 
-template <typename T, int D, int BN, int STAGES, bool OVERLAP>
+template <typename T, int D, int BN, int STAGES>
 __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& tm_k, const TmaMap& tm_v,
                                               T* __restrict__ out, float* __restrict__ lse_out, int Lq, int Lk,
                                               int Hq, int group, int nb1, int num_m_blocks, int num_bh,
@@ -804,90 +747,60 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                 float sc[BN / 2];
                 unsigned pa[BN / 16][4];
                 float corr_lo, corr_hi;
-                if constexpr (!OVERLAP) {
+                // tile 0: S GEMM and softmax alone (O is zero, nothing to rescale)
+                {
+                    const int s = pos.stage;
+                    const int key0 = (n_tiles - 1) * BN;
+                    mbar_wait(bar_full_k(s), pos.phase);
+                    named_bar_sync(my_bar, 256);
+                    wgmma_fence();
+                    issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);
+                    wgmma_commit();
+                    named_bar_arrive(other_bar, 256);
+                    wgmma_wait<0>();
+                    fence_regs(sc);
+                    mbar_arrive(bar_empty_k(s));
+                    softmax_fast<BN>(sc, needs_mask(key0), key0, Lk, causal, diag, r_lo, t4, scale_log2,
+                                     m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
+                    to_a_frags<T, BN>(sc, pa);
+                }
+                RingPos prev = pos;
+                pos.advance<STAGES>();
 #pragma unroll 1
-                    for (int it = 0; it < n_tiles; ++it) {
-                        const int s = pos.stage;
-                        const int key0 = (n_tiles - 1 - it) * BN;
-                        mbar_wait(bar_full_k(s), pos.phase);
-                        named_bar_sync(my_bar, 256);
-                        wgmma_fence();
-                        issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);
-                        wgmma_commit();
-                        named_bar_arrive(other_bar, 256);
-                        wgmma_wait<0>();
-                        fence_regs(sc);
-                        mbar_arrive(bar_empty_k(s));
-                        softmax_fast<BN>(sc, needs_mask(key0), key0, Lk, causal, diag, r_lo, t4, scale_log2,
-                                         m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
-                        rescale_if_needed<D>(o, corr_lo, corr_hi);
-                        to_a_frags<T, BN>(sc, pa);
-                        mbar_wait(bar_full_v(s), pos.phase);
-                        fence_regs(o);
-                        wgmma_fence();
-                        issue_pv<T, D, BN>(o, pa, sV + s * P::kKV);
-                        wgmma_commit();
-                        wgmma_wait<0>();
-                        fence_regs(o);
-                        mbar_arrive(bar_empty_v(s));
-                        pos.advance<STAGES>();
-                    }
-                } else {
-                    // tile 0: S GEMM and softmax alone (O is zero, nothing to rescale)
-                    {
-                        const int s = pos.stage;
-                        const int key0 = (n_tiles - 1) * BN;
-                        mbar_wait(bar_full_k(s), pos.phase);
-                        named_bar_sync(my_bar, 256);
-                        wgmma_fence();
-                        issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);
-                        wgmma_commit();
-                        named_bar_arrive(other_bar, 256);
-                        wgmma_wait<0>();
-                        fence_regs(sc);
-                        mbar_arrive(bar_empty_k(s));
-                        softmax_fast<BN>(sc, needs_mask(key0), key0, Lk, causal, diag, r_lo, t4, scale_log2,
-                                         m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
-                        to_a_frags<T, BN>(sc, pa);
-                    }
-                    RingPos prev = pos;
-                    pos.advance<STAGES>();
-#pragma unroll 1
-                    for (int it = 1; it < n_tiles; ++it) {
-                        const int s = pos.stage, sp = prev.stage;
-                        const int key0 = (n_tiles - 1 - it) * BN;
-                        mbar_wait(bar_full_k(s), pos.phase);
-                        mbar_wait(bar_full_v(sp), prev.phase);
-                        named_bar_sync(my_bar, 256);
-                        fence_regs(o);
-                        wgmma_fence();
-                        issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);    // group 1: S_i
-                        wgmma_commit();
-                        issue_pv<T, D, BN>(o, pa, sV + sp * P::kKV);    // group 2: O += P_{i-1} V_{i-1}
-                        wgmma_commit();
-                        named_bar_arrive(other_bar, 256);
-                        wgmma_wait<1>();                                // S_i done, PV may still run
-                        fence_regs(sc);
-                        mbar_arrive(bar_empty_k(s));
-                        softmax_fast<BN>(sc, needs_mask(key0), key0, Lk, causal, diag, r_lo, t4, scale_log2,
-                                         m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
-                        wgmma_wait<0>();                                // PV_{i-1} done: pa, o free
-                        fence_regs(o);
-                        mbar_arrive(bar_empty_v(sp));
-                        rescale_if_needed<D>(o, corr_lo, corr_hi);
-                        to_a_frags<T, BN>(sc, pa);
-                        prev = pos;
-                        pos.advance<STAGES>();
-                    }
-                    mbar_wait(bar_full_v(prev.stage), prev.phase);
+                for (int it = 1; it < n_tiles; ++it) {
+                    const int s = pos.stage, sp = prev.stage;
+                    const int key0 = (n_tiles - 1 - it) * BN;
+                    mbar_wait(bar_full_k(s), pos.phase);
+                    mbar_wait(bar_full_v(sp), prev.phase);
+                    named_bar_sync(my_bar, 256);
                     fence_regs(o);
                     wgmma_fence();
-                    issue_pv<T, D, BN>(o, pa, sV + prev.stage * P::kKV);
+                    issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);    // group 1: S_i
                     wgmma_commit();
-                    wgmma_wait<0>();
+                    issue_pv<T, D, BN>(o, pa, sV + sp * P::kKV);    // group 2: O += P_{i-1} V_{i-1}
+                    wgmma_commit();
+                    named_bar_arrive(other_bar, 256);
+                    wgmma_wait<1>();                                // S_i done, PV may still run
+                    fence_regs(sc);
+                    mbar_arrive(bar_empty_k(s));
+                    softmax_fast<BN>(sc, needs_mask(key0), key0, Lk, causal, diag, r_lo, t4, scale_log2,
+                                     m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
+                    wgmma_wait<0>();                                // PV_{i-1} done: pa, o free
                     fence_regs(o);
-                    mbar_arrive(bar_empty_v(prev.stage));
+                    mbar_arrive(bar_empty_v(sp));
+                    rescale_if_needed<D>(o, corr_lo, corr_hi);
+                    to_a_frags<T, BN>(sc, pa);
+                    prev = pos;
+                    pos.advance<STAGES>();
                 }
+                mbar_wait(bar_full_v(prev.stage), prev.phase);
+                fence_regs(o);
+                wgmma_fence();
+                issue_pv<T, D, BN>(o, pa, sV + prev.stage * P::kKV);
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_regs(o);
+                mbar_arrive(bar_empty_v(prev.stage));
                 mbar_arrive(bar_q_empty(w));   // every wgmma reading this Q half has completed
                 ++tq;
             }
@@ -927,7 +840,7 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
 // Tensor maps are 5-D, innermost first: (D, L, H, B1, B0). A dimension that is broadcast (stride
 // 0) has extent 1 in the map and its coordinate forced to 0 by `bcast` (bits 0-2: q's H, B1, B0;
 // 3-5: k's; 6-8: v's). out is contiguous (B0, B1, Hq, Lq, D); lse (B0, B1, Hq, Lq) float32.
-template <typename T, int D, int BN, int STAGES, int SCHEDULE>
+template <typename T, int D, int BN, int STAGES>
 __global__ void __launch_bounds__(sm90::kThreads, 1)
 flash_fwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_constant__ sm90::TmaMap tm_k,
                       const __grid_constant__ sm90::TmaMap tm_v, T* __restrict__ out,
@@ -935,237 +848,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
                       int num_m_blocks, int num_bh, int swz_bh, int causal, int bcast, float scale_log2,
                       int num_tiles) {
     using namespace sm90;
-    static_assert(SCHEDULE >= 0 && SCHEDULE <= 3, "schedule: 0 plain, 1 overlap, 2 ping-pong, 3 ping-pong + overlap");
-    if constexpr (SCHEDULE >= 2) {
-        static_assert(D % 64 == 0 && D >= 64 && D <= 256, "head dim: 64, 128, 192 or 256");
-        static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key tile");
-        static_assert(Plan<D, BN, STAGES>::kBytes <= 227 * 1024, "shared memory");
-        pingpong_body<T, D, BN, STAGES, SCHEDULE == 3>(tm_q, tm_k, tm_v, out, lse_out, Lq, Lk, Hq, group, nb1,
-                                                       num_m_blocks, num_bh, swz_bh, causal, bcast, scale_log2,
-                                                       num_tiles);
-        return;
-    } else {
-    constexpr bool OVERLAP = SCHEDULE == 1;
-    using P = Plan<D, BN, STAGES>;
     static_assert(D % 64 == 0 && D >= 64 && D <= 256, "head dim: 64, 128, 192 or 256");
     static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key tile");
-    static_assert(P::kBytes <= 227 * 1024, "shared memory");
-
-    extern __shared__ unsigned char smem_raw[];
-    const unsigned raw_addr = smem_u32(smem_raw);
-    const unsigned base = (raw_addr + 1023u) & ~1023u;
-    unsigned char* smem = smem_raw + (base - raw_addr);
-    const unsigned sQ = base, sK = base + P::kOffK, sV = base + P::kOffV;
-    const unsigned bar_q = base + P::kOffBar;
-    auto bar_full_k = [&](int s) { return bar_q + 8u * (1 + s); };
-    auto bar_full_v = [&](int s) { return bar_q + 8u * (1 + STAGES + s); };
-    auto bar_empty = [&](int s) { return bar_q + 8u * (1 + 2 * STAGES + s); };
-
-    // ---- which tile ----------------------------------------------------------------------------
-    const int bid = static_cast<int>(blockIdx.x);
-    const int per_group = swz_bh * num_m_blocks;
-    const int grp = bid / per_group;
-    const int rem = bid - grp * per_group;
-    const int gsize = min(swz_bh, num_bh - grp * swz_bh);
-    const int m_block = num_m_blocks - 1 - rem / gsize;
-    const int bh = grp * swz_bh + rem % gsize;
-    const int h = bh % Hq;
-    const int bb = bh / Hq;
-    const int b1 = bb % nb1, b0 = bb / nb1;
-    const int hk = h / group;
-    const int row0 = m_block * kBlockM;
-
-    long long k_end = Lk;
-    if (causal) {
-        const long long last_row_end = min(static_cast<long long>(row0) + kBlockM, static_cast<long long>(Lq));
-        k_end = min(k_end, last_row_end + Lk - Lq);
-    }
-    const int n_tiles = k_end > 0 ? static_cast<int>((k_end + BN - 1) / BN) : 0;
-
-    if (threadIdx.x == 0) {
-        mbar_init(bar_q, 1);
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(bar_full_k(s), 1);
-            mbar_init(bar_full_v(s), 1);
-            mbar_init(bar_empty(s), 2 * 128);   // every consumer thread arrives once per tile
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-
-    if (threadIdx.x < 128) {
-        // =========================== producer warpgroup ===========================================
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kProducerRegs));
-        if (threadIdx.x == 0 && n_tiles > 0) {
-            tma_prefetch_map(&tm_q);
-            tma_prefetch_map(&tm_k);
-            tma_prefetch_map(&tm_v);
-            const int qh = (bcast & 1) ? 0 : h, qb1 = (bcast & 2) ? 0 : b1, qb0 = (bcast & 4) ? 0 : b0;
-            const int kh = (bcast & 8) ? 0 : hk, kb1 = (bcast & 16) ? 0 : b1, kb0 = (bcast & 32) ? 0 : b0;
-            const int vh = (bcast & 64) ? 0 : hk, vb1 = (bcast & 128) ? 0 : b1, vb0 = (bcast & 256) ? 0 : b0;
-
-            mbar_arrive_expect_tx(bar_q, P::kQ);
-#pragma unroll
-            for (int half = 0; half < 2; ++half)
-#pragma unroll
-                for (int c = 0; c < static_cast<int>(P::kChunks); ++c)
-                    tma_load_5d(sQ + half * P::kQHalf + c * (64u * 128u), &tm_q, bar_q,
-                                c * 64, row0 + half * 64, qh, qb1, qb0);
-
-#pragma unroll 1
-            for (int it = 0; it < n_tiles; ++it) {
-                const int s = it % STAGES;
-                const unsigned phase = static_cast<unsigned>(it / STAGES) & 1u;
-                const int key0 = (n_tiles - 1 - it) * BN;
-                mbar_wait(bar_empty(s), phase ^ 1u);
-                mbar_arrive_expect_tx(bar_full_k(s), P::kKV);
-#pragma unroll
-                for (int c = 0; c < static_cast<int>(P::kChunks); ++c)
-                    tma_load_5d(sK + s * P::kKV + c * (BN * 128u), &tm_k, bar_full_k(s),
-                                c * 64, key0, kh, kb1, kb0);
-                mbar_arrive_expect_tx(bar_full_v(s), P::kKV);
-#pragma unroll
-                for (int c = 0; c < static_cast<int>(P::kChunks); ++c)
-                    tma_load_5d(sV + s * P::kKV + c * (BN * 128u), &tm_v, bar_full_v(s),
-                                c * 64, key0, vh, vb1, vb0);
-            }
-        }
-    } else {
-        // =========================== consumer warpgroups ==========================================
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kConsumerRegs));
-        const int ct = static_cast<int>(threadIdx.x) - 128;
-        const int w = ct >> 7;                  // which consumer warpgroup (0, 1)
-        const int tw = ct & 127;
-        const int warp = tw >> 5, lane = tw & 31;
-        const int g = lane >> 2, t4 = lane & 3;
-        const int wrow0 = row0 + w * 64;        // first query row of this warpgroup
-        const int r_lo = wrow0 + warp * 16 + g; // this thread's rows: r_lo and r_lo + 8
-        const int r_hi = r_lo + 8;
-        const unsigned sQw = sQ + w * P::kQHalf;
-        const int diag = Lk - Lq;               // key j visible to row i iff j - i <= diag (causal)
-
-        float o[D / 2];
-#pragma unroll
-        for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-        float m_lo = -INFINITY, m_hi = -INFINITY;   // running max, log2-scaled units
-        float l_lo = 0.f, l_hi = 0.f;               // running sum, this thread's columns only
-
-        if (n_tiles > 0) {
-            mbar_wait(bar_q, 0);
-            float sc[BN / 2];
-            unsigned pa[BN / 16][4];
-            float corr_lo, corr_hi;
-            if constexpr (!OVERLAP) {
-                // Plain order per tile: S GEMM, wait, softmax, PV GEMM, wait, release the stage.
-#pragma unroll 1
-                for (int it = 0; it < n_tiles; ++it) {
-                    const int s = it % STAGES;
-                    const unsigned phase = static_cast<unsigned>(it / STAGES) & 1u;
-                    mbar_wait(bar_full_k(s), phase);
-                    wgmma_fence();
-                    issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);
-                    wgmma_commit();
-                    wgmma_wait<0>();
-                    fence_regs(sc);
-                    softmax_tile<BN>(sc, (n_tiles - 1 - it) * BN, Lk, causal, diag, wrow0, r_lo, t4,
-                                     scale_log2, m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
-                    rescale<D>(o, corr_lo, corr_hi);
-                    to_a_frags<T, BN>(sc, pa);
-                    mbar_wait(bar_full_v(s), phase);
-                    fence_regs(o);
-                    wgmma_fence();
-                    issue_pv<T, D, BN>(o, pa, sV + s * P::kKV);
-                    wgmma_commit();
-                    wgmma_wait<0>();
-                    fence_regs(o);
-                    mbar_arrive(bar_empty(s));   // this thread is done reading stage s
-                }
-            } else {
-                // Overlapped: the S GEMM of tile i and the PV GEMM of tile i-1 are issued together;
-                // the softmax of tile i runs while the PV GEMM is still on the tensor cores.
-                // Tile 0: S GEMM and softmax alone (O is zero, nothing to rescale).
-                mbar_wait(bar_full_k(0), 0);
-                wgmma_fence();
-                issue_qk<T, D, BN>(sc, sQw, sK);
-                wgmma_commit();
-                wgmma_wait<0>();
-                fence_regs(sc);
-                softmax_tile<BN>(sc, (n_tiles - 1) * BN, Lk, causal, diag, wrow0, r_lo, t4,
-                                 scale_log2, m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
-                to_a_frags<T, BN>(sc, pa);
-#pragma unroll 1
-                for (int it = 1; it < n_tiles; ++it) {
-                    const int s = it % STAGES;
-                    const unsigned phase = static_cast<unsigned>(it / STAGES) & 1u;
-                    const int sp = (it - 1) % STAGES;
-                    const unsigned phase_p = static_cast<unsigned>((it - 1) / STAGES) & 1u;
-                    mbar_wait(bar_full_k(s), phase);
-                    mbar_wait(bar_full_v(sp), phase_p);
-                    fence_regs(o);
-                    wgmma_fence();
-                    issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);     // group 1: S_i
-                    wgmma_commit();
-                    issue_pv<T, D, BN>(o, pa, sV + sp * P::kKV);     // group 2: O += P_{i-1} V_{i-1}
-                    wgmma_commit();
-                    wgmma_wait<1>();                                 // S_i done, PV may still run
-                    fence_regs(sc);
-                    softmax_tile<BN>(sc, (n_tiles - 1 - it) * BN, Lk, causal, diag, wrow0, r_lo, t4,
-                                     scale_log2, m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
-                    wgmma_wait<0>();                                 // PV_{i-1} done: pa, o free
-                    fence_regs(o);
-                    mbar_arrive(bar_empty(sp));
-                    rescale<D>(o, corr_lo, corr_hi);
-                    to_a_frags<T, BN>(sc, pa);
-                }
-                const int sl = (n_tiles - 1) % STAGES;
-                mbar_wait(bar_full_v(sl), static_cast<unsigned>((n_tiles - 1) / STAGES) & 1u);
-                fence_regs(o);
-                wgmma_fence();
-                issue_pv<T, D, BN>(o, pa, sV + sl * P::kKV);
-                wgmma_commit();
-                wgmma_wait<0>();
-                fence_regs(o);
-                mbar_arrive(bar_empty(sl));
-            }
-        }
-
-        // ---- epilogue: normalise, stage through this warpgroup's Q buffer, 16-byte stores ------
-        l_lo = quad_sum(l_lo);
-        l_hi = quad_sum(l_hi);
-        const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f;
-        const float inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
-        const float lse_lo = l_lo > 0.f ? (m_lo + lg2(l_lo)) * kLn2 : -INFINITY;
-        const float lse_hi = l_hi > 0.f ? (m_hi + lg2(l_hi)) * kLn2 : -INFINITY;
-
-        named_bar_sync(1 + w, 128);   // all four warps are past their last wgmma reading sQw
-        unsigned char* stage = smem + w * P::kQHalf;
-        const int rl = warp * 16 + g, rh = rl + 8;   // rows inside the 64-row staging tile
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-            // 16-byte unit j of a row is stored at unit j ^ (row % 8): conflict-free both ways
-            *reinterpret_cast<unsigned*>(stage + rl * (D * 2) + ((j ^ (rl & 7)) * 16) + 4 * t4) =
-                pack2<T>(o[4 * j + 0] * inv_lo, o[4 * j + 1] * inv_lo);
-            *reinterpret_cast<unsigned*>(stage + rh * (D * 2) + ((j ^ (rh & 7)) * 16) + 4 * t4) =
-                pack2<T>(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
-        }
-        named_bar_sync(1 + w, 128);
-
-        const long long row_base = static_cast<long long>(bh) * Lq;
-        constexpr int kUnits = D / 8;
-#pragma unroll 4
-        for (int idx = tw; idx < 64 * kUnits; idx += 128) {
-            const int r = idx / kUnits, c = idx % kUnits;
-            const int row = wrow0 + r;
-            if (row < Lq) {
-                const uint4 val = *reinterpret_cast<const uint4*>(stage + r * (D * 2) + ((c ^ (r & 7)) * 16));
-                *reinterpret_cast<uint4*>(out + (row_base + row) * D + c * 8) = val;
-            }
-        }
-        if (t4 == 0) {
-            if (r_lo < Lq) lse_out[row_base + r_lo] = lse_lo;
-            if (r_hi < Lq) lse_out[row_base + r_hi] = lse_hi;
-        }
-    }
-    }  // SCHEDULE 0 / 1
+    static_assert(Plan<D, BN, STAGES>::kBytes <= 227 * 1024, "shared memory");
+    pingpong_body<T, D, BN, STAGES>(tm_q, tm_k, tm_v, out, lse_out, Lq, Lk, Hq, group, nb1, num_m_blocks,
+                                    num_bh, swz_bh, causal, bcast, scale_log2, num_tiles);
 }

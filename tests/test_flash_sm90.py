@@ -47,13 +47,13 @@ def _grid_case(lq, lk, d, gqa, causal, batch):
     return (q, k, v), reference_attention(q, k, v, causal=causal)
 
 
-VARIANTS = [pytest.param(name, id=name) for name in _flash_sm90.VARIANTS]
+GRIDS = [pytest.param(True, id="persistent"), pytest.param(False, id="block-per-tile")]
 
 
-def _run(q, k, v, causal, scale=None, variant=None):
+def _run(q, k, v, causal, scale=None, persistent=None):
     problem = normalize(q, k, v, causal=causal, scale=scale)
     assert _flash_sm90.supports(problem) == []
-    return _flash_sm90.forward(problem, poison=True, variant=variant)
+    return _flash_sm90.forward(problem, poison=True, persistent=persistent)
 
 
 def _check(q, k, v, out, lse, causal, scale=None, ref=None):
@@ -106,39 +106,39 @@ def test_shape_grid(lq, lk, d, causal, gqa, dtype):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("lq,lk", [(113, 203), (1, 239), (512, 256), (1023, 1024)])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_variants(variant, lq, lk, d, causal, dtype):
-    """Every consumer schedule / grid variant (not only the module's default), identical bits on repeat."""
+@pytest.mark.parametrize("persistent", GRIDS)
+def test_both_grids(persistent, lq, lk, d, causal, dtype):
+    """Both grids (not only the one persistent_grid picks), identical bits on repeat."""
     import cupy
     qn, kn, vn = _inputs((2, HEADS_Q, lq, d), (2, 1, lk, d), dtype, seed=lq + lk + d)
     q, k, v = cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn)
-    out, lse = _run(q, k, v, causal, variant=variant)
+    out, lse = _run(q, k, v, causal, persistent=persistent)
     _check(qn, kn, vn, out, lse, causal)
-    out2, lse2 = _run(q, k, v, causal, variant=variant)
+    out2, lse2 = _run(q, k, v, causal, persistent=persistent)
     assert np.array_equal(cupy.asnumpy(out).view(np.uint16), cupy.asnumpy(out2).view(np.uint16))
     assert np.array_equal(cupy.asnumpy(lse).view(np.uint32), cupy.asnumpy(lse2).view(np.uint32))
 
 
 @pytest.mark.gpu
 @sm90_only
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_variants_many_tiles(variant):
-    """More tiles than SMs (persistent variants loop; K/V ring and Q phases carry across tiles),
+@pytest.mark.parametrize("persistent", GRIDS)
+def test_many_tiles(persistent):
+    """More tiles than SMs (a persistent block loops; K/V ring and Q phases carry across tiles),
     causal with Lq != Lk, GQA, a partial last m-block."""
     import cupy
     qn, kn, vn = _inputs((4, 16, 2000, 128), (4, 4, 2100, 128), BFLOAT16, seed=11)
-    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), True, variant=variant)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), True, persistent=persistent)
     _check(qn, kn, vn, out, lse, True)
     qn, kn, vn = _inputs((37, 8, 300, 64), (37, 2, 310, 64), FLOAT16, seed=12)
-    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), False, variant=variant)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), False, persistent=persistent)
     _check(qn, kn, vn, out, lse, False)
 
 
 @pytest.mark.gpu
 @sm90_only
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("persistent", GRIDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_strided_and_broadcast_layouts(causal, variant):
+def test_strided_and_broadcast_layouts(causal, persistent):
     """Inputs read in place: a (B, L, H, D) tensor viewed as (B, H, L, D), K/V broadcast over a
     batch axis (stride 0), three batch axes (the leading ones looped on the host), a scale."""
     import cupy
@@ -146,19 +146,19 @@ def test_strided_and_broadcast_layouts(causal, variant):
     # (B, L, H, D) storage viewed as (B, H, L, D)
     qn, kn, vn = _inputs((2, 300, 4, d), (2, 333, 2, d), dtype, seed=1)
     q, k, v = (cupy.asarray(a).transpose(0, 2, 1, 3) for a in (qn, kn, vn))
-    out, lse = _run(q, k, v, causal, scale=0.3, variant=variant)
+    out, lse = _run(q, k, v, causal, scale=0.3, persistent=persistent)
     _check(*(a.transpose(0, 2, 1, 3) for a in (qn, kn, vn)), out, lse, causal, scale=0.3)
     # K/V shared by every batch entry: (1, H, L, D) against q (3, H, L, D)
     qn, kn, vn = _inputs((3, 4, 200, d), (1, 2, 250, d), dtype, seed=2)
-    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, variant=variant)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, persistent=persistent)
     _check(qn, kn, vn, out, lse, causal)
     # three batch axes that cannot merge (k, v broadcast along the middle one)
     qn, kn, vn = _inputs((2, 3, 2, 2, 130, 64), (2, 1, 2, 1, 140, 64), dtype, seed=3)
-    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, variant=variant)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, persistent=persistent)
     _check(qn, kn, vn, out, lse, causal)
     # negative scale: the running max must be taken of the scaled scores
     qn, kn, vn = _inputs((1, 2, 100, 64), (1, 2, 180, 64), FLOAT16, seed=4)
-    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, scale=-0.2, variant=variant)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, scale=-0.2, persistent=persistent)
     _check(qn, kn, vn, out, lse, causal, scale=-0.2)
 
 
@@ -211,28 +211,22 @@ def test_kernel_specs_cpu():
     specs = _flash_sm90.kernel_specs()
     assert len(specs) == len(set(specs))
     assert all(s.hopper_only and s.source == "flash_fwd_sm90.cu" for s in specs)
-    for name in _flash_sm90.VARIANTS:   # every variant's instantiations are in the gate's list
-        assert set(_flash_sm90.kernel_specs([name])) <= set(specs)
-        assert all(_flash_sm90.smem_bytes(d, name) <= 227 * 1024 for d in _flash_sm90.HEAD_DIMS)
+    assert len(specs) == 2 * len(_flash_sm90.HEAD_DIMS)
+    assert all(_flash_sm90.smem_bytes(d) <= 227 * 1024 for d in _flash_sm90.HEAD_DIMS)
     assert set(_flash_sm90.HEAD_DIMS) >= {64, 128, 256}
-    assert _flash_sm90.VARIANT is None or _flash_sm90.VARIANT in _flash_sm90.VARIANTS
-    assert _flash_sm90.kernel_name(BFLOAT16, 128, "plain").endswith(", 0>")
-    assert _flash_sm90.kernel_name(BFLOAT16, 128, "pp-ovl") == "flash_fwd_sm90_kernel<__nv_bfloat16, 128, 128, 2, 3>"
-    with pytest.raises(ValueError):
-        _flash_sm90.kernel_name(BFLOAT16, 128, "nope")
+    assert _flash_sm90.kernel_name(BFLOAT16, 128) == "flash_fwd_sm90_kernel<__nv_bfloat16, 128, 128, 2>"
 
 
-def test_variants_compile_clean_cpu():
-    """The new schedules pass the same gate as the old ones: no spills/stack, no setmaxnreg or wgmma
-    warnings (a few instantiations with the most registers here; the CI gate compiles all)."""
+def test_compiles_clean_cpu():
+    """No spills or stack frame, no setmaxnreg-ignored or wgmma-serialisation warnings (two
+    instantiations here; the CI gate compiles all)."""
     try:
         from cupy.cuda import nvrtc  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"NVRTC unavailable: {exc}")
     from cupyattn._kernels import compile_offline
-    picks = [(256, "pp-ovl"), (128, "pp-ovl-persist"), (64, "plain")]
-    for d, name in picks:
-        rep = compile_offline(_flash_sm90.spec_for(BFLOAT16, d, name), "sm_90a")
+    for d in (256, 64):
+        rep = compile_offline(_flash_sm90.spec_for(BFLOAT16, d), "sm_90a")
         assert rep.ok and not rep.spills, rep.line() + rep.log[-2000:]
         assert "C7508" not in rep.log and "ignored" not in rep.log, rep.log
         assert "serializ" not in rep.log, rep.log

@@ -1,7 +1,13 @@
-"""Compare the variants of the Hopper flash forward kernel on one H100/H200 in one call (repo root):
+"""Compare the launch variants of the Hopper flash forward kernel on one H100/H200 in one call:
 
     PYTHONPATH=. python3 tools/tune_sm90.py            # compile, check, time every variant; BEST block
-    PYTHONPATH=. python3 tools/tune_sm90.py --variants plain,pp-ovl   # a subset
+    PYTHONPATH=. python3 tools/tune_sm90.py --variants persistent   # a subset
+
+The variants are the two grids the kernel runs with: "persistent" (one block per SM looping over
+the tiles) and "block-per-tile"; `_flash_sm90.persistent_grid` encodes which one wins where.
+(This script also chose the consumer schedule on 2026-11-28: ping-pong between the consumer
+warpgroups plus intra-warpgroup overlap beat the plain loop and the other schedules, which were
+then removed from the kernel.)
 
 Budget: about 150 s in all. Steps:
  1. compile every instantiation of every variant in parallel processes: ptxas report (registers,
@@ -52,26 +58,24 @@ def _compile_one(spec):
     return spec.name, ok, f"{rep.line()} {time.time() - t0:.0f}s {' '.join(flags)}{warm}"
 
 
+GRIDS = {"persistent": True, "block-per-tile": False}
+
+
 def step_compile(variants):
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
     from cupyattn import _flash_sm90
-    specs = _flash_sm90.kernel_specs(variants)
+    specs = _flash_sm90.kernel_specs()
     status = {}
     workers = max(1, min(len(specs), os.cpu_count() or 4, 16))
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
         for name, ok, line in pool.map(_compile_one, specs):
             status[name] = ok
             print(("COMPILE ok  " if ok else "COMPILE BAD ") + line, flush=True)
-    bad_variants = []
-    for v in variants:
-        names = {s.name for s in _flash_sm90.kernel_specs([v])}
-        if not all(status.get(n, False) for n in names):
-            bad_variants.append(v)
-    for v in variants:
-        smem = [_flash_sm90.smem_bytes(d, v) for d in _flash_sm90.HEAD_DIMS]
-        print(f"VARIANT {v:20s} {_flash_sm90.VARIANTS[v]} smem={smem}", flush=True)
-    return bad_variants
+    smem = [_flash_sm90.smem_bytes(d) for d in _flash_sm90.HEAD_DIMS]
+    print(f"CONFIGS {_flash_sm90.CONFIGS} smem={smem}", flush=True)
+    # both grids run the same instantiations: one bad compile rules both out
+    return list(variants) if not all(status.values()) else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,8 +148,8 @@ def child_check(variant):
             why = _flash_sm90.supports(problem)
             if why:
                 raise RuntimeError(f"supports(): {why}")
-            out, lse = _flash_sm90.forward(problem, poison=True, variant=variant)
-            out2, lse2 = _flash_sm90.forward(problem, poison=True, variant=variant)
+            out, lse = _flash_sm90.forward(problem, poison=True, persistent=GRIDS[variant])
+            out2, lse2 = _flash_sm90.forward(problem, poison=True, persistent=GRIDS[variant])
             cupy.cuda.runtime.deviceSynchronize()
             q64, k64, v64 = (cupy.ascontiguousarray(a).astype(cupy.float64) for a in (q, k, v))
             ref_out, ref_lse = cupyattn.attention(q64, k64, v64, causal=causal, scale=scale,
@@ -215,7 +219,7 @@ def child_time(variant):
             for causal in (False, True):
                 problem = normalize(q, k, v, causal=causal)
                 try:
-                    ms = _median_ms(lambda: _flash_sm90.forward(problem, poison=False, variant=variant))
+                    ms = _median_ms(lambda: _flash_sm90.forward(problem, poison=False, persistent=GRIDS[variant]))
                     print(f"ROW {variant} {L} {d} {int(causal)} {ms:.5f}", flush=True)
                 except Exception as exc:  # noqa: BLE001
                     print(f"ROWFAIL {variant} {L} {d} {int(causal)} {type(exc).__name__}: {str(exc)[:150]}", flush=True)
@@ -275,8 +279,7 @@ def main():
         return
 
     t_start = time.time()
-    from cupyattn import _flash_sm90
-    variants = list(_flash_sm90.VARIANTS)
+    variants = list(GRIDS)
     if "--variants" in args:
         variants = [v for v in args[args.index("--variants") + 1].split(",") if v]
     deadline = t_start + BUDGET_S - 5
@@ -339,13 +342,13 @@ def main():
                 ok = [(tf[v], v) for v in shown if tf[v] and status.get(v, "").startswith("PASS")]
                 if ok:
                     best, who = max(ok)
-                    base = tf.get("plain")
+                    base = tf.get("block-per-tile")
                     best_rows.append((L, d, causal, who, best, c, base))
     print("\n===================== STATUS =====================")
     for v in variants:
         print(f"  {v:20s} {status.get(v, 'not run')}")
     print("\n===================== BEST =====================")
-    print(f"{'L':>6} {'D':>4} {'mask':>6} {'best variant':>20} {'TFLOP/s':>8} {'cudnn':>7} {'ratio':>6} {'vs plain':>8}")
+    print(f"{'L':>6} {'D':>4} {'mask':>6} {'best variant':>20} {'TFLOP/s':>8} {'cudnn':>7} {'ratio':>6} {'vs per-tile':>11}")
     for L, d, causal, who, best, c, base in best_rows:
         ratio = f"{best / c:6.2f}" if c else "   n/a"
         vs = f"{best / base:8.2f}" if base else "     n/a"
