@@ -17,7 +17,6 @@ Candidates are selected through _flash_bwd.CONFIG_OVERRIDE; nothing in the packa
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
