@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
-# One full device pass: environment, GPU tests, compute-sanitizer on a small case, quick bench.
-# Usage on the device machine, from the repo root: bash tools/device_check.sh [pytest args...]
-# Logs go to $OUT (or ./device_logs).
+# One full device pass: GPU tests, compute-sanitizer on a small case, the bench headline.
+# On the device machine, from the repo root:  CUPYATTN_COMMIT=<sha> bash tools/device_check.sh
+# Logs go to $OUT (or ./device_logs): at most 7 files, since the device tool returns 8 at most.
 set -u
 out="${OUT:-device_logs}"; mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
+start=$SECONDS
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/env.log"
-git rev-parse HEAD 2>/dev/null | tee -a "$out/env.log"
+echo "commit ${CUPYATTN_COMMIT:-unknown}" | tee -a "$out/env.log"
+
 echo "== GPU tests"
-timeout 420 python3 -m pytest -q -m gpu -x -p no:cacheprovider "${@:-tests}" > "$out/tests.log" 2>&1
-echo "pytest rc=$?"; tail -n 15 "$out/tests.log"
+timeout "${TEST_SECONDS:-330}" python3 -m pytest -q -m gpu -p no:cacheprovider tests > "$out/tests.log" 2>&1
+echo "pytest rc=$? ($((SECONDS - start)) s)"
+grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -20; tail -n 1 "$out/tests.log"
+
 echo "== compute-sanitizer"
 for tool in memcheck racecheck synccheck; do
-  timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/sanitizer_case.py > "$out/sanitizer_$tool.log" 2>&1
-  echo "$tool rc=$?"; tail -n 4 "$out/sanitizer_$tool.log"
+  timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/sanitizer_case.py > "$out/sanitizer_$tool.log" 2>&1
+  echo "$tool rc=$?: $(grep -E 'SUMMARY' "$out/sanitizer_$tool.log")"
 done
+
+echo "== bench headline ($((SECONDS - start)) s so far)"
+timeout 150 python3 bench/attention.py --group headline,decode --budget 0.2 --no-progress --no-plots \
+  --backend flash,chunked,torch-flash,torch-efficient,torch-cudnn --out "$out/headline.json" > "$out/bench.log" 2>&1
+echo "bench rc=$?"; sed -n '/^Summary/,/^wrote/p' "$out/bench.log" | cut -c1-140
+echo "total $((SECONDS - start)) s"
