@@ -26,16 +26,16 @@
 // tile), STAGES (ring depth). Each block loops over tiles blockIdx.x, +gridDim.x, ...: the host
 // launches one block per tile or, for a persistent grid, one per SM. The last kernel argument,
 // num_tiles, is the number of 128-row tiles (m-blocks x batch x heads).
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-#ifndef INFINITY
-#define INFINITY __int_as_float(0x7f800000)
-#endif
+#include "common.cuh"
 
 namespace sm90 {
 
-constexpr float kLn2 = 0.6931471805599453f;
+// shared with the other kernels (common.cuh)
+using cupyattn::kLn2;
+using cupyattn::pack2;
+using cupyattn::quad_max;
+using cupyattn::quad_sum;
+using cupyattn::smem_u32;
 constexpr int kBlockM = 128;          // query rows per block (2 consumer warpgroups x 64)
 constexpr int kThreads = 384;         // producer warpgroup + 2 consumer warpgroups
 constexpr int kProducerRegs = 40;
@@ -45,10 +45,6 @@ constexpr int kConsumerRegs = 232;    // 40*128 + 232*256 = 64512 = 168*384 (the
 struct alignas(64) TmaMap {
     unsigned long long v[16];
 };
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
 
 // ---- mbarrier ---------------------------------------------------------------------------------
 __device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
@@ -393,34 +389,6 @@ template <> struct Wgmma<__nv_bfloat16, 256> {
 };
 
 // ---- small helpers ----------------------------------------------------------------------------
-template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
-template <> __device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);            // .x (low 16 bits) = lo
-    return *reinterpret_cast<unsigned*>(&h);
-}
-template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&h);
-}
-
-__device__ __forceinline__ float ex2(float x) {      // exp2(-inf) = 0
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ float lg2(float x) {
-    float y;
-    asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ float quad_max(float x) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-    x += __shfl_xor_sync(0xffffffffu, x, 1);
-    return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
 __device__ __forceinline__ void named_bar_sync(int id, int count) {
     asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(count) : "memory");
 }
@@ -557,8 +525,8 @@ __device__ __forceinline__ void softmax_fast(float (&sc)[BN / 2], bool need_mask
     const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
     const float use_lo = new_lo == -INFINITY ? 0.f : new_lo;   // never (-inf) - (-inf)
     const float use_hi = new_hi == -INFINITY ? 0.f : new_hi;
-    corr_lo = ex2(m_lo - use_lo);   // exactly 1 when the max did not change
-    corr_hi = ex2(m_hi - use_hi);
+    corr_lo = cupyattn::fast_exp2(m_lo - use_lo);   // exactly 1 when the max did not change
+    corr_hi = cupyattn::fast_exp2(m_hi - use_hi);
     m_lo = new_lo;
     m_hi = new_hi;
     const float k = need_mask ? 1.f : scale_log2;   // the masked path is already scaled
@@ -566,10 +534,10 @@ __device__ __forceinline__ void softmax_fast(float (&sc)[BN / 2], bool need_mask
     float sum_lo = 0.f, sum_hi = 0.f;
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) {
-        sc[4 * j + 0] = ex2(fmaf(sc[4 * j + 0], k, nu_lo));
-        sc[4 * j + 1] = ex2(fmaf(sc[4 * j + 1], k, nu_lo));
-        sc[4 * j + 2] = ex2(fmaf(sc[4 * j + 2], k, nu_hi));
-        sc[4 * j + 3] = ex2(fmaf(sc[4 * j + 3], k, nu_hi));
+        sc[4 * j + 0] = cupyattn::fast_exp2(fmaf(sc[4 * j + 0], k, nu_lo));
+        sc[4 * j + 1] = cupyattn::fast_exp2(fmaf(sc[4 * j + 1], k, nu_lo));
+        sc[4 * j + 2] = cupyattn::fast_exp2(fmaf(sc[4 * j + 2], k, nu_hi));
+        sc[4 * j + 3] = cupyattn::fast_exp2(fmaf(sc[4 * j + 3], k, nu_hi));
         sum_lo += sc[4 * j + 0] + sc[4 * j + 1];
         sum_hi += sc[4 * j + 2] + sc[4 * j + 3];
     }
@@ -816,14 +784,14 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
 #pragma unroll
                 for (int j = 0; j < D / 8; ++j)
                     *reinterpret_cast<unsigned*>(dst + 8 * j) = pack2<T>(o[4 * j + 0] * inv_lo, o[4 * j + 1] * inv_lo);
-                if (t4 == 0) lse_out[row_base + r_lo] = l_lo > 0.f ? (m_lo + lg2(l_lo)) * kLn2 : -INFINITY;
+                if (t4 == 0) lse_out[row_base + r_lo] = l_lo > 0.f ? (m_lo + cupyattn::fast_log2(l_lo)) * kLn2 : -INFINITY;
             }
             if (r_hi < Lq) {
                 T* dst = out + (row_base + r_hi) * D + 2 * t4;
 #pragma unroll
                 for (int j = 0; j < D / 8; ++j)
                     *reinterpret_cast<unsigned*>(dst + 8 * j) = pack2<T>(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
-                if (t4 == 0) lse_out[row_base + r_hi] = l_hi > 0.f ? (m_hi + lg2(l_hi)) * kLn2 : -INFINITY;
+                if (t4 == 0) lse_out[row_base + r_hi] = l_hi > 0.f ? (m_hi + cupyattn::fast_log2(l_hi)) * kLn2 : -INFINITY;
             }
         }
         if (w == 0) named_bar_sync(3, 256);   // takes warpgroup 1's last arrival: both barriers balanced
