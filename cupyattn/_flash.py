@@ -20,7 +20,8 @@ import numpy as np
 from . import _flash_bwd, _flash_sm90
 from ._kernels import KernelSpec
 from ._layout import collapse_batch as _collapse_batch, device_props as _device_props, elem_strides as _elem_strides
-from ._problem import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, Problem, dtype_name
+from ._layout import flash_input_reasons
+from ._problem import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, Problem
 from ._registry import Backend
 
 SOURCE = "flash_fwd.cu"
@@ -174,25 +175,14 @@ class FlashBackend(Backend):
         return _flash_sm90.supports(problem)
 
     def forward_reasons(self, problem):
-        why = []
-        if problem.library != "cupy":
-            return ["inputs are NumPy arrays (flash runs on CUDA GPUs)"]
-        if problem.dtype not in _CTYPES:
-            why.append(f"dtype {dtype_name(problem.dtype)} is not supported (flash takes float16 and bfloat16)")
-        if problem.head_dim > MAX_HEAD_DIM:
-            why.append(f"head dim D={problem.head_dim} > {MAX_HEAD_DIM}")
-        if problem.head_dim_v > MAX_HEAD_DIM:
-            why.append(f"value head dim Dv={problem.head_dim_v} > {MAX_HEAD_DIM}")
-        if max(problem.len_q, problem.len_k) > _INT32_LIMIT or problem.group_size * problem.len_q > _INT32_LIMIT:
-            why.append("sequence length past 2^31 keys or queries")
-        try:
-            major, minor, smem, _ = _device_props(problem.device_id)
-        except Exception as exc:   # no driver or no device
-            why.append(f"cannot query the CUDA device ({type(exc).__name__})")
+        why, props = flash_input_reasons(problem, MAX_HEAD_DIM, _INT32_LIMIT)
+        lengths_ok = max(problem.len_q, problem.len_k) <= _INT32_LIMIT
+        if problem.library == "cupy" and lengths_ok and problem.group_size * problem.len_q > _INT32_LIMIT:
+            why.append("sequence length past 2^31 keys or queries")   # the decode path packs a group's rows
+        if props is None:
             return why
-        if major < 8:
-            why.append(f"compute capability {major}.{minor} < 8.0 (flash needs sm_80 or newer)")
-        elif not why:
+        smem = props[2]
+        if not why:
             need = shared_bytes(padded_width(problem))
             if need > smem:
                 why.append(f"needs {need} bytes of shared memory per block, the device allows {smem}")

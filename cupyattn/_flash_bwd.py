@@ -24,7 +24,8 @@ import numpy as np
 
 from ._kernels import KernelSpec
 from ._layout import collapse_batch as _collapse_batch, device_props as _device_props, elem_strides as _elem_strides
-from ._problem import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, Problem, dtype_name
+from ._layout import flash_input_reasons
+from ._problem import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, Problem
 
 SOURCE = "flash_bwd.cu"
 WIDTHS = (32, 64, 96, 128, 192, 256)     # padded head dims with an instantiation
@@ -204,25 +205,11 @@ def _grids(problem: Problem, levels, smem_limit: int = _SMEM_PORTABLE):
 
 def backward_reasons(problem: Problem) -> List[str]:
     """Why flash_backward cannot run `problem` (empty list = it can)."""
-    if problem.library != "cupy":
-        return ["inputs are NumPy arrays (flash runs on CUDA GPUs)"]
-    why = []
-    if problem.dtype not in _CTYPES:
-        why.append(f"dtype {dtype_name(problem.dtype)} is not supported (flash takes float16 and bfloat16)")
-    if problem.head_dim > MAX_HEAD_DIM:
-        why.append(f"head dim D={problem.head_dim} > {MAX_HEAD_DIM}")
-    if problem.head_dim_v > MAX_HEAD_DIM:
-        why.append(f"value head dim Dv={problem.head_dim_v} > {MAX_HEAD_DIM}")
-    if max(problem.len_q, problem.len_k) > _INT32_LIMIT:
-        why.append("sequence length past 2^31 keys or queries")
-    try:
-        major, minor, smem, _ = _device_props(problem.device_id)
-    except Exception as exc:   # no driver or no device
-        why.append(f"cannot query the CUDA device ({type(exc).__name__})")
+    why, props = flash_input_reasons(problem, MAX_HEAD_DIM, _INT32_LIMIT)
+    if props is None:
         return why
-    if major < 8:
-        why.append(f"compute capability {major}.{minor} < 8.0 (flash needs sm_80 or newer)")
-    elif not why:
+    smem = props[2]
+    if not why:
         width = padded_width(problem)
         need = max(main_shared_bytes(width, smem), dq_shared_bytes(width))
         if need > smem:

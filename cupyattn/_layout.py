@@ -1,5 +1,5 @@
-"""Memory-layout helpers shared by the kernel backends: strides in elements, merging batch axes,
-and the device properties launch planning needs."""
+"""Helpers shared by the kernel launchers: strides in elements, merging batch axes, the device
+properties launch planning needs, and the input checks every flash kernel makes."""
 from __future__ import annotations
 
 import functools
@@ -25,6 +25,33 @@ def collapse_batch(shape, strides_per_tensor) -> List[Tuple[int, list]]:
         else:
             merged.append((n, st))
     return merged
+
+
+def flash_input_reasons(problem, max_head_dim: int, max_rows: int):
+    """(reasons, device properties or None): what rules out every flash kernel (forward and
+    backward) for `problem`: NumPy inputs, a dtype other than float16/bfloat16, head dims past
+    max_head_dim, more than max_rows queries or keys (row indices are int32), no device, or a
+    device older than sm_80. Properties are None when the device could not be asked."""
+    from ._problem import HALF_DTYPES, dtype_name
+    if problem.library != "cupy":
+        return ["inputs are NumPy arrays (flash runs on CUDA GPUs)"], None
+    why = []
+    if problem.dtype not in HALF_DTYPES:
+        why.append(f"dtype {dtype_name(problem.dtype)} is not supported (flash takes float16 and bfloat16)")
+    if problem.head_dim > max_head_dim:
+        why.append(f"head dim D={problem.head_dim} > {max_head_dim}")
+    if problem.head_dim_v > max_head_dim:
+        why.append(f"value head dim Dv={problem.head_dim_v} > {max_head_dim}")
+    if max(problem.len_q, problem.len_k) > max_rows:
+        why.append("sequence length past 2^31 keys or queries")
+    try:
+        props = device_props(problem.device_id)
+    except Exception as exc:   # no driver or no device
+        return why + [f"cannot query the CUDA device ({type(exc).__name__})"], None
+    major, minor = props[:2]
+    if major < 8:
+        why.append(f"compute capability {major}.{minor} < 8.0 (flash needs sm_80 or newer)")
+    return why, props
 
 
 @functools.lru_cache(maxsize=None)

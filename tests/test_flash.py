@@ -299,3 +299,17 @@ def test_offsets_past_2_31_elements():
     ref_out, ref_lse = reference_attention(cp.asnumpy(q), kk[:, None], vv[:, None])
     assert rel_error(out, ref_out) <= 4 * float(np.finfo(np.float16).eps)
     assert rel_error(lse, ref_lse) <= lse_tolerance(FLOAT16)
+
+
+def test_input_reasons_without_a_device():
+    # the checks every flash kernel shares, reached on a CPU by dressing a NumPy problem as CuPy's:
+    # dtype and head dim are reported, then the device that cannot be asked
+    import dataclasses
+    from cupyattn._layout import flash_input_reasons
+    from cupyattn._problem import normalize
+    q = np.ones((1, 2, 4, 300), np.float32)
+    problem = dataclasses.replace(normalize(q, q, q), xp=object())
+    assert problem.library == "cupy"
+    why, props = flash_input_reasons(problem, 256, 2**31 - 1)
+    assert props is None
+    assert [w.split(" ")[0] for w in why] == ["dtype", "head", "value", "cannot"], why
