@@ -131,12 +131,19 @@ def explain(problem: Problem, requested: str = "auto", direction: str = "forward
 
 
 def select(problem: Problem, requested: str, direction: str) -> Backend:
-    """The backend to run, or BackendUnavailable with every reason."""
+    """The backend to run, or BackendUnavailable with every reason. Asks only as many backends
+    as it takes (this runs on every call); the full report is built only for the error."""
+    if requested == "auto":
+        for b in _REGISTRY:
+            if not reasons(b, problem, direction) and not b.auto_reasons(problem, direction):
+                return b
+    else:
+        b = get(requested)
+        if not reasons(b, problem, direction):
+            return b
     report = explain(problem, requested, direction)
-    if report.backend is None:
-        if requested == "auto":
-            raise BackendUnavailable(f"no backend can run this {direction}:\n{report}")
-        raise BackendUnavailable(
-            f"backend {requested!r} cannot run this {direction}: "
-            + "; ".join(report.why_not[requested]) + f" ({report.problem})")
-    return get(report.backend)
+    if requested == "auto":
+        raise BackendUnavailable(f"no backend can run this {direction}:\n{report}")
+    raise BackendUnavailable(
+        f"backend {requested!r} cannot run this {direction}: "
+        + "; ".join(report.why_not[requested]) + f" ({report.problem})")

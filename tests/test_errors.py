@@ -116,3 +116,12 @@ def test_backward_checks_saved_tensors(xp):
         cupyattn.attention_backward(out, q, k, v, out, lse.astype(np.float64))
     with pytest.raises(ValueError, match=r"dout must have shape"):
         cupyattn.attention_backward(out[..., :2], q, k, v, out, lse)
+
+
+def test_auto_runs_the_backend_explain_names(xp):
+    q, k, v = arrays(xp, *GOOD)
+    for causal in (False, True):
+        chosen = cupyattn.explain(q, k, v, causal=causal).backend
+        from cupyattn import _registry
+        from cupyattn._problem import normalize
+        assert _registry.select(normalize(q, k, v, causal=causal), "auto", "forward").name == chosen
