@@ -186,7 +186,9 @@ class FlashBackend(Backend):
             need = shared_bytes(padded_width(problem))
             if need > smem:
                 why.append(f"needs {need} bytes of shared memory per block, the device allows {smem}")
-        if not why:
+        # A launch covers at most the whole batch; only near the block limit is the exact launch
+        # plan worth building (it costs host time on every call).
+        if not why and -(-problem.len_q // 16) * problem.num_heads_q * problem.batch_size * MAX_SPLITS > 2**31 - 1:
             plan = _plan(problem, None)
             inner = math.prod(n for n, _ in plan.levels[-2:]) if plan.levels else 1
             heads = problem.num_heads_kv if plan.pack_gqa else problem.num_heads_q
@@ -233,7 +235,7 @@ class FlashBackend(Backend):
 
     def forward(self, problem, want_lse):
         if not self.hopper_reasons(problem):
-            return _flash_sm90.forward(problem)
+            return _flash_sm90.forward(problem, checked=True)
         return self.forward_sm80(problem)
 
     def forward_sm80(self, problem):

@@ -24,7 +24,7 @@ from typing import List, Tuple
 import numpy as np
 
 from ._kernels import KernelSpec, get_function, set_dynamic_shared_memory
-from ._layout import collapse_batch as _collapse_batch
+from ._layout import collapse_batch as _collapse_batch, device_props as _device_props
 from ._problem import BFLOAT16, FLOAT16, Problem, dtype_name
 
 SOURCE = "flash_fwd_sm90.cu"
@@ -65,6 +65,7 @@ def kernel_name(dtype, head_dim: int) -> str:
     return f"flash_fwd_sm90_kernel<{_CTYPES[np.dtype(dtype)]}, {head_dim}, {bn}, {stages}>"
 
 
+@functools.lru_cache(maxsize=None)
 def spec_for(dtype, head_dim: int) -> KernelSpec:
     return KernelSpec(source=SOURCE, name=kernel_name(dtype, head_dim), hopper_only=True)
 
@@ -122,12 +123,11 @@ def _layout_reasons(name: str, a) -> List[str]:
 
 def _device_reason(problem: Problem):
     try:
-        import cupy
-        cc = cupy.cuda.Device(problem.device_id).compute_capability
+        major, minor = _device_props(problem.device_id)[:2]
     except Exception as exc:   # no driver / no device
         return f"no CUDA device ({type(exc).__name__})"
-    if cc != "90":
-        return f"needs an sm_90 (Hopper) GPU, device is sm_{cc}"
+    if (major, minor) != (9, 0):
+        return f"needs an sm_90 (Hopper) GPU, device is sm_{major}{minor}"
     return None
 
 
@@ -188,6 +188,25 @@ def _encode_fn():
 _TMAP_DTYPE = np.dtype([("v", "<u8", (16,))])   # 128 bytes, passed by value to the kernel
 
 
+# Encoded maps by (address, dtype, dims, strides, box): a training loop hands the same buffers back
+# call after call (CuPy's memory pool reuses addresses), and encoding costs tens of microseconds of
+# host time, as much as a whole short attention call on the GPU. A map holds no reference to the
+# memory, so a stale entry is only ever reused for the very same address and layout.
+_TMAP_CACHE: "dict" = {}
+_TMAP_CACHE_SIZE = 256
+
+
+def tensor_map(address: int, dtype, dims, strides_bytes, box) -> np.ndarray:
+    """encode_tensor_map through a small cache (see _TMAP_CACHE)."""
+    key = (address, dtype, tuple(dims), tuple(strides_bytes), tuple(box))
+    tmap = _TMAP_CACHE.get(key)
+    if tmap is None:
+        if len(_TMAP_CACHE) >= _TMAP_CACHE_SIZE:
+            _TMAP_CACHE.pop(next(iter(_TMAP_CACHE)))    # oldest first (dicts keep insertion order)
+        tmap = _TMAP_CACHE[key] = encode_tensor_map(address, dtype, dims, strides_bytes, box)
+    return tmap
+
+
 def encode_tensor_map(address: int, dtype, dims, strides_bytes, box) -> np.ndarray:
     """A CUtensorMap for a tiled TMA load with 128-byte swizzle and zero fill out of bounds.
 
@@ -231,12 +250,13 @@ def _dim_entry(extent, stride, placeholder):
     return extent, stride, False
 
 
-def forward(problem: Problem, poison=None, persistent=None) -> Tuple[object, object]:
+def forward(problem: Problem, poison=None, persistent=None, checked=False) -> Tuple[object, object]:
     """(out, lse): out batch_shape + (Hq, Lq, D) in problem.dtype, lse batch_shape + (Hq, Lq) float32.
 
     poison: fill the outputs with NaN before the launch (default: the module's POISON_OUTPUTS);
-    persistent: one block per SM (True) or per tile (False); default: persistent_grid(problem)."""
-    reasons = supports(problem)
+    persistent: one block per SM (True) or per tile (False); default: persistent_grid(problem);
+    checked: the caller has just seen supports(problem) come back empty (saves asking twice)."""
+    reasons = [] if checked else supports(problem)
     if reasons:
         raise ValueError("the sm90 flash kernel cannot run this problem: " + "; ".join(reasons))
     import cupy
@@ -270,20 +290,22 @@ def forward(problem: Problem, poison=None, persistent=None) -> Tuple[object, obj
     num_m = -(-Lq // BLOCK_M)
     num_bh = nb0 * nb1 * Hq
     num_tiles = num_m * num_bh
-    device = cupy.cuda.Device(problem.device_id)
-    fn = get_function(spec_for(dtype, D), device)
+    device_id = problem.device_id
+    fn = get_function(spec_for(dtype, D), cupy.cuda.Device(device_id))
     nbytes = smem_bytes(D)
-    grid = min(num_tiles, _sm_count(device.id)) if persistent else num_tiles
+    grid = min(num_tiles, _sm_count(device_id)) if persistent else num_tiles
     set_dynamic_shared_memory(fn, nbytes)
-    swz_bh = _swizzle_width(device, Lk, D, group, num_bh)
+    swz_bh = _swizzle_width(device_id, Lk, D, group, num_bh)
     scale_log2 = np.float32(problem.scale * math.log2(math.e))
     item = dtype.itemsize
     placeholder = D * item   # stride for dims of extent 1 (any multiple of 16 works)
 
     outer_sizes = [n for n, _ in looped]
-    out_flat = out.reshape((-1,) + out.shape[nbatch:])   # contiguous: (B, Hq, Lq, D)
-    lse_flat = lse.reshape((-1,) + lse.shape[nbatch:])
+    # out and lse are contiguous (B, Hq, Lq, D) / (B, Hq, Lq): each launch writes the next
+    # per_launch batch entries, addressed by pointer (no per-launch views)
     per_launch = nb0 * nb1
+    out_step = per_launch * Hq * Lq * D * item
+    lse_step = per_launch * Hq * Lq * 4
     for launch, idx in enumerate(itertools.product(*[range(n) for n in outer_sizes])):
         maps = []
         bcast = 0
@@ -294,12 +316,11 @@ def forward(problem: Problem, poison=None, persistent=None) -> Tuple[object, obj
             b1_ext, b1_st, b1_b = _dim_entry(nb1, st1[t], placeholder)
             b0_ext, b0_st, b0_b = _dim_entry(nb0, st0[t], placeholder)
             bcast |= (h_b | (b1_b << 1) | (b0_b << 2)) << (3 * t)
-            maps.append(encode_tensor_map(
+            maps.append(tensor_map(
                 a.data.ptr + offset, dtype, (D, l_ext, h_ext, b1_ext, b0_ext),
                 (l_st, h_st, b1_st, b0_st), (64, box_rows, 1, 1, 1)))
-        first = launch * per_launch
-        o = out_flat[first:first + per_launch]
-        s = lse_flat[first:first + per_launch]
+        o = np.uint64(out.data.ptr + launch * out_step)
+        s = np.uint64(lse.data.ptr + launch * lse_step)
         fn((grid,), (THREADS,),
            (maps[0], maps[1], maps[2], o, s, np.int32(Lq), np.int32(Lk), np.int32(Hq), np.int32(group),
             np.int32(nb1), np.int32(num_m), np.int32(num_bh), np.int32(swz_bh), np.int32(problem.causal),
@@ -330,10 +351,10 @@ def _l2_bytes(device_id: int) -> int:
 SWIZZLE_WIDTH = None
 
 
-def _swizzle_width(device, Lk, D, group, num_bh) -> int:
+def _swizzle_width(device_id, Lk, D, group, num_bh) -> int:
     """(batch, head) pairs scheduled together so that their K and V stay in half of L2."""
     if SWIZZLE_WIDTH is not None:
         return int(min(max(SWIZZLE_WIDTH, 1), num_bh))
     kv_bytes_per_q_head = max(1, 2 * Lk * D * 2 // group)
-    width = (_l2_bytes(device.id) // 2) // kv_bytes_per_q_head
+    width = (_l2_bytes(device_id) // 2) // kv_bytes_per_q_head
     return int(min(max(width, 1), num_bh))

@@ -128,6 +128,17 @@ class Problem:
                 f"{dtype_name(self.dtype)}, causal={self.causal}, mask={self.mask_kind}")
 
 
+class _Shapes:
+    """The three input shapes for error messages, formatted only when a message needs them."""
+
+    def __init__(self, q, k, v):
+        self.shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
+
+    def __str__(self):
+        q, k, v = self.shapes
+        return f"q {q}, k {k}, v {v}"
+
+
 def _check_dtype(name, array):
     dt = np.dtype(array.dtype)
     if dt not in SUPPORTED_DTYPES:
@@ -161,7 +172,7 @@ def normalize(q, k, v, *, causal=False, scale=None, mask=None) -> Problem:
     dtype = dtypes["q"]
 
     ranks = {n: a.ndim for n, a in (("q", q), ("k", k), ("v", v))}
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    shapes = _Shapes(q, k, v)
     if min(ranks.values()) < 2:
         raise ValueError(f"q, k and v need at least 2 dimensions (..., L, D); got {shapes}")
     has_head_axis = max(ranks.values()) > 2
@@ -186,7 +197,10 @@ def normalize(q, k, v, *, causal=False, scale=None, mask=None) -> Problem:
         raise ValueError(
             f"query heads Hq={num_heads_q} must be a multiple of key/value heads Hkv={num_heads_kv}; got {shapes}")
     try:
-        batch_shape = tuple(np.broadcast_shapes(tuple(q_batch), tuple(k_batch), tuple(v_batch)))
+        if q_batch == k_batch == v_batch:     # the common case, without numpy's general rule
+            batch_shape = tuple(q_batch)
+        else:
+            batch_shape = tuple(np.broadcast_shapes(tuple(q_batch), tuple(k_batch), tuple(v_batch)))
     except ValueError:
         raise ValueError(f"the batch dims (all axes before H, L, D) of q, k and v do not broadcast; got {shapes}") from None
 
@@ -204,7 +218,8 @@ def normalize(q, k, v, *, causal=False, scale=None, mask=None) -> Problem:
         raise TypeError(f"causal must be True or False, got {causal!r}")
 
     def broadcast(a, tail):
-        return xp.broadcast_to(a, batch_shape + tail)
+        shape = batch_shape + tail
+        return a if a.shape == shape else xp.broadcast_to(a, shape)
 
     q = broadcast(q, (num_heads_q, len_q, head_dim))
     k = broadcast(k, (num_heads_kv, len_k, head_dim))
