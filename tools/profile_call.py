@@ -147,7 +147,7 @@ def main():
             bhost = 1000 * (time.perf_counter() - t0) / 50
             cupy.cuda.Device().synchronize()
             print(f"      backward: call_ms {events_ms(bwd, 10):.3f} host_ms {bhost:.3f}", flush=True)
-        del sets, calls
+        sets = calls = None   # free the inputs before the next shape
 
     if args.profile:
         d, length, causal = SHAPES[0]
