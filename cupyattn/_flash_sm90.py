@@ -67,6 +67,8 @@ def kernel_name(dtype, head_dim: int) -> str:
 
 @functools.lru_cache(maxsize=None)
 def spec_for(dtype, head_dim: int) -> KernelSpec:
+    """The instantiation for `dtype` and `head_dim` (cached: CONFIGS is fixed once a process
+    has launched a kernel; tools/tune_sm90.py changes it only before that)."""
     return KernelSpec(source=SOURCE, name=kernel_name(dtype, head_dim), hopper_only=True)
 
 

@@ -61,11 +61,37 @@ def _compile_one(spec):
 GRIDS = {"persistent": True, "block-per-tile": False}
 
 
+def parse_variant(variant):
+    """(persistent flag or None for the per-problem choice, {head dim: (BN, STAGES)} override).
+
+    A variant is a grid name ("persistent", "block-per-tile") or a tile configuration written
+    cfg<D>x<BN>x<STAGES> (e.g. cfg128x176x2), optionally +persistent / +block-per-tile; a
+    configuration variant is checked and timed at its own head dim only."""
+    if variant in GRIDS:
+        return GRIDS[variant], {}
+    cfg, _, grid = variant.partition("+")
+    d, bn, stages = (int(x) for x in cfg[len("cfg"):].split("x"))
+    return (GRIDS[grid] if grid else None), {d: (bn, stages)}
+
+
+def apply_variant(variant):
+    """Install the variant's configuration in this process; returns (persistent, head dims to run)."""
+    from cupyattn import _flash_sm90
+    persistent, override = parse_variant(variant)
+    _flash_sm90.CONFIGS.update(override)
+    return persistent, (tuple(override) or HEAD_DIMS)
+
+
 def step_compile(variants):
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
     from cupyattn import _flash_sm90
     specs = _flash_sm90.kernel_specs()
+    for v in variants:   # tile configurations beyond the defaults
+        for d, (bn, stages) in parse_variant(v)[1].items():
+            for dt in ("__half", "__nv_bfloat16"):
+                specs.append(_flash_sm90.KernelSpec(_flash_sm90.SOURCE, f"flash_fwd_sm90_kernel<{dt}, {d}, {bn}, {stages}>",
+                                                    hopper_only=True))
     status = {}
     workers = max(1, min(len(specs), os.cpu_count() or 4, 16))
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
@@ -74,8 +100,14 @@ def step_compile(variants):
             print(("COMPILE ok  " if ok else "COMPILE BAD ") + line, flush=True)
     smem = [_flash_sm90.smem_bytes(d) for d in _flash_sm90.HEAD_DIMS]
     print(f"CONFIGS {_flash_sm90.CONFIGS} smem={smem}", flush=True)
-    # both grids run the same instantiations: one bad compile rules both out
-    return list(variants) if not all(status.values()) else []
+    # the grids run the same instantiations: one bad default compile rules them all out
+    bad = []
+    for v in variants:
+        over = parse_variant(v)[1]
+        names = [n for n in status if not over or any(f", {d}, {bn}, {st}>" in n for d, (bn, st) in over.items())]
+        if not all(status[n] for n in names):
+            bad.append(v)
+    return bad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +171,10 @@ def child_check(variant):
     rng = np.random.default_rng(0)
     npass = nfail = 0
     worst = 0.0
+    persistent, dims = apply_variant(variant)
     for (lq, lk, d, causal, hq, hkv, b, dt, layout, scale) in _cases():
+        if d not in dims:
+            continue
         name = (f"Lq={lq} Lk={lk} D={d} {'causal' if causal else 'full'} h={hq}/{hkv} B={b} "
                 f"{dtype_name(dt)} {layout}{'' if scale is None else f' scale={scale}'}")
         try:
@@ -148,8 +183,8 @@ def child_check(variant):
             why = _flash_sm90.supports(problem)
             if why:
                 raise RuntimeError(f"supports(): {why}")
-            out, lse = _flash_sm90.forward(problem, poison=True, persistent=GRIDS[variant])
-            out2, lse2 = _flash_sm90.forward(problem, poison=True, persistent=GRIDS[variant])
+            out, lse = _flash_sm90.forward(problem, poison=True, persistent=persistent)
+            out2, lse2 = _flash_sm90.forward(problem, poison=True, persistent=persistent)
             cupy.cuda.runtime.deviceSynchronize()
             q64, k64, v64 = (cupy.ascontiguousarray(a).astype(cupy.float64) for a in (q, k, v))
             ref_out, ref_lse = cupyattn.attention(q64, k64, v64, causal=causal, scale=scale,
@@ -213,13 +248,14 @@ def child_time(variant):
     import cupy
     from cupyattn import _flash_sm90
     from cupyattn._problem import normalize
+    persistent, dims = apply_variant(variant)
     for L in LENGTHS:
-        for d in HEAD_DIMS:
+        for d in dims:
             q, k, v = _timing_inputs(L, d)
             for causal in (False, True):
                 problem = normalize(q, k, v, causal=causal)
                 try:
-                    ms = _median_ms(lambda: _flash_sm90.forward(problem, poison=False, persistent=GRIDS[variant]))
+                    ms = _median_ms(lambda: _flash_sm90.forward(problem, poison=False, persistent=persistent))
                     print(f"ROW {variant} {L} {d} {int(causal)} {ms:.5f}", flush=True)
                 except Exception as exc:  # noqa: BLE001
                     print(f"ROWFAIL {variant} {L} {d} {int(causal)} {type(exc).__name__}: {str(exc)[:150]}", flush=True)
