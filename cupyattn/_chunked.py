@@ -15,7 +15,8 @@ one rounding to the output dtype). Score rows have a pitch of a multiple of 8 el
 (`row_pitch`), so the fused kernels use 16-byte vector loads.
 Causal problems are cut into tiles of rows along the diagonal (several heads each, `row_tile`), and
 a tile's products and softmax stop at the last key its last row can see, so the work above the
-diagonal is mostly skipped.
+diagonal is mostly skipped; as a tile's score rows are shorter, its chunks hold more rows (up to
+the same workspace bytes, `problem_chunks`), so early tiles take many heads per product.
 GQA: K/V are never repeated; the G query heads of one kv head are a broadcast (stride 0) batch
 axis of the GEMM, folded into its rows when the layout allows.
 
@@ -23,17 +24,24 @@ Backward recomputes P per chunk from the saved lse (same fused kernel), then
 dV += P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)) * scale (fused kernel),
 dQ_c = dS K, dK += dS^T Q_c. P is never stored for the whole problem.
 
-On CuPy the GEMMs call cuBLAS (cublasGemmStridedBatchedEx) directly on strided views, so no
-operand is copied or transposed in memory, half inputs accumulate and write float32 and dK/dV
-accumulate in place (beta = 1); the fused steps are the kernels of kernels_cu/chunked_softmax.cu.
+On CuPy the GEMMs call cuBLAS (cublasGemmStridedBatchedEx) directly on the strided memory, so no
+operand is copied or transposed per chunk (an input cuBLAS cannot read in place, with no unit
+stride in its last two axes or negative strides, is copied once per call), half inputs accumulate
+and write float32 and dK/dV accumulate in place (beta = 1); the fused steps are the kernels of
+kernels_cu/chunked_softmax.cu. The Python per chunk is only integer address arithmetic: cuBLAS'
+arguments, the launch shapes and the kernels' constant arguments are planned once per call and
+chunk shape (`GemmPlan`, `_ChunkPlan`), so the GPU, not the host, sets the pace.
 On NumPy the same driver runs the same chunks with NumPy (the fused steps reuse the eager
-backend's softmax_rows / probs_from_lse), so CI exercises the chunking without a GPU.
+backend's softmax_rows / probs_from_lse), so CI exercises the chunking without a GPU; the CuPy
+path's planning and address arithmetic run on NumPy memory in the tests too (an emulated device).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
+from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -187,12 +195,45 @@ def iter_chunks(num_heads_kv: int, group: int, len_q: int, rows: int,
                     for r0 in range(t0, t1, rows):
                         yield h, h + 1, g, g + 1, r0, min(r0 + rows, t1)
 
-
 def visible_keys(problem: Problem, r1: int) -> int:
     """Keys a chunk ending at query row r1 (exclusive) needs: causal rows stop at the diagonal."""
     if not problem.causal:
         return problem.len_k
     return max(0, min(problem.len_k, r1 + problem.len_k - problem.len_q))
+
+
+ChunkKeys = Tuple[int, int, int, int, int, int, int]   # a Chunk and the keys n it needs
+
+
+def problem_chunks(problem: Problem, rows: int, tile: Optional[int] = None) -> List[ChunkKeys]:
+    """The chunks of one batch element (the same for every one) with their key counts:
+    (h0, h1, g0, g1, r0, r1, n); chunks whose rows see no key are left out.
+
+    The workspace buffers hold `rows` score rows of all Lk keys. Without causal tiles every chunk
+    has at most `rows` rows (iter_chunks). Causal problems go tile by tile along the diagonal, and
+    a tile whose last row sees n_t keys takes rows * row_pitch(Lk) // row_pitch(n_t) rows: the same
+    buffers hold more of the shorter score rows, so the tiles near the start take several heads
+    per chunk (fewer, larger products and launches) and no chunk's blocks outgrow the buffers."""
+    tile = row_tile(problem) if tile is None else max(1, tile)
+    lq, hkv, group = problem.len_q, problem.num_heads_kv, problem.group_size
+    chunks = []
+    if tile >= lq:
+        for h0, h1, g0, g1, r0, r1 in iter_chunks(hkv, group, lq, rows):
+            n = visible_keys(problem, r1)
+            if n > 0:
+                chunks.append((h0, h1, g0, g1, r0, r1, n))
+        return chunks
+    capacity = rows * row_pitch(problem.len_k)          # elements of each workspace buffer
+    for t0 in range(0, lq, tile):
+        t1 = min(t0 + tile, lq)
+        n_tile = visible_keys(problem, t1)
+        if n_tile == 0:
+            continue                                    # no row of the tile sees a key
+        for h0, h1, g0, g1, r0, r1 in iter_chunks(hkv, group, t1 - t0, capacity // row_pitch(n_tile)):
+            n = visible_keys(problem, t0 + r1)
+            if n > 0:
+                chunks.append((h0, h1, g0, g1, t0 + r0, t0 + r1, n))
+    return chunks
 
 
 def _grouped(problem: Problem, a):
@@ -201,10 +242,22 @@ def _grouped(problem: Problem, a):
 
 
 # ---------------------------------------------------------------------------------------------
-# The array-library-specific pieces: a batched GEMM and the two fused steps.
+# The array-library-specific pieces. Each steps object makes the per-call "runners" the driver
+# calls once per batch element with the chunk list: forward_runner(...)(bi, chunks).
+
+def _swap(a):
+    return a.swapaxes(-1, -2)
+
+
+def _block(buf, cshape, n):
+    """A chunk's (heads, groups, rows, n) score block at the start of a workspace buffer, rows
+    `row_pitch(n)` elements apart."""
+    pitch = row_pitch(n)
+    return buf[:math.prod(cshape) * pitch].reshape(cshape + (pitch,))[..., :n]
+
 
 class _NumpySteps:
-    """The chunk steps in NumPy (float64 / float32 math like the kernels)."""
+    """The chunk steps in NumPy (float64 / float32 math like the kernels), on array views."""
 
     def __init__(self, problem: Problem):
         self.problem = problem
@@ -251,6 +304,49 @@ class _NumpySteps:
         ct = self.ct
         delta = (dout.astype(ct) * out.astype(ct)).sum(axis=-1, keepdims=True)
         p[...] = p.astype(ct) * (dp - delta) * ct.type(self.problem.scale)
+
+    def forward_runner(self, out, lse, s_buf, p_buf):
+        problem = self.problem
+
+        def run(bi, chunks):
+            q, k, v = _grouped(problem, problem.q[bi]), problem.k[bi], problem.v[bi]
+            mask = None if problem.mask is None else _grouped(problem, problem.mask[bi])
+            out_b, lse_b = _grouped(problem, out[bi]), _grouped(problem, lse[bi][..., None])[..., 0]
+            for h0, h1, g0, g1, r0, r1, n in chunks:
+                cshape = (h1 - h0, g1 - g0, r1 - r0)
+                s = _block(s_buf, cshape, n)
+                p = _block(p_buf, cshape, n)
+                self.gemm(s, q[h0:h1, g0:g1, r0:r1], _swap(k[h0:h1, None, :n]))
+                m = None if mask is None else mask[h0:h1, g0:g1, r0:r1, :n]
+                self.softmax(s, p, lse_b[h0:h1, g0:g1, r0:r1], m, r0)
+                # O_c = P V straight into the output (accumulated in the compute dtype, one rounding)
+                self.gemm(out_b[h0:h1, g0:g1, r0:r1], p, v[h0:h1, None, :n])
+        return run
+
+    def backward_runner(self, dout, out, lse, dq, dk, dv, s_buf, p_buf, dp_buf):
+        problem = self.problem
+
+        def run(bi, chunks):
+            q, k, v = _grouped(problem, problem.q[bi]), problem.k[bi], problem.v[bi]
+            mask = None if problem.mask is None else _grouped(problem, problem.mask[bi])
+            do_b, o_b = _grouped(problem, dout[bi]), _grouped(problem, out[bi])
+            lse_b = _grouped(problem, lse[bi][..., None])[..., 0]
+            dq_b, dk_b, dv_b = _grouped(problem, dq[bi]), dk[bi], dv[bi]
+            for h0, h1, g0, g1, r0, r1, n in chunks:
+                cshape = (h1 - h0, g1 - g0, r1 - r0)
+                s = _block(s_buf, cshape, n)
+                p = _block(p_buf, cshape, n)
+                dp = _block(dp_buf, cshape, n)
+                qc, doc = q[h0:h1, g0:g1, r0:r1], do_b[h0:h1, g0:g1, r0:r1]
+                self.gemm(s, qc, _swap(k[h0:h1, None, :n]))
+                m = None if mask is None else mask[h0:h1, g0:g1, r0:r1, :n]
+                self.recompute(s, p, lse_b[h0:h1, g0:g1, r0:r1], m, r0)
+                self.gemm(dv_b[h0:h1, None, :n], _swap(p), doc, accumulate=True)
+                self.gemm(dp, doc, _swap(v[h0:h1, None, :n]))
+                self.dscores(p, dp, doc, o_b[h0:h1, g0:g1, r0:r1])
+                self.gemm(dq_b[h0:h1, g0:g1, r0:r1], p, k[h0:h1, None, :n])
+                self.gemm(dk_b[h0:h1, None, :n], _swap(p), qc, accumulate=True)
+        return run
 
 
 _CUDA_TYPES = {FLOAT16: ("__half", 2), BFLOAT16: ("__nv_bfloat16", 14),
@@ -310,176 +406,450 @@ def resident_smem_limit(device_id: int) -> int:
     return _smem_limits[device_id]
 
 
-def _ptr(a) -> int:
-    return a.data.ptr
+# ---------------------------------------------------------------------------------------------
+# The CuPy path. Python per cuBLAS call or launch costs more than a chunk's GPU work when it
+# builds array views and analyses strides every time, so everything that is the same for every
+# chunk is worked out once per call: the arrays' address arithmetic (`_Tensor`), one `GemmPlan`
+# per product and chunk shape (cuBLAS' integer arguments, strides and the byte offsets of its
+# calls), the launch shapes and the kernels' constant arguments. Per chunk only integer addresses
+# are added up and cuBLAS / the kernels are called with them; no CuPy array is made.
+
+def _layout(shape, strides):
+    """(cuBLAS op flag, leading dimension) for a row-major (r, c) operand view, or None when
+    neither axis has unit stride."""
+    r, c = shape
+    sr, sc = strides
+    if sr < 0 or sc < 0:
+        return None
+    if sc == 1 or c == 1:
+        return 0, (sr if r > 1 else max(c, 1))     # memory is col-major X^T: op N
+    if sr == 1 or r == 1:
+        return 1, (sc if c > 1 else max(r, 1))     # memory is col-major X: op T
+    return None
 
 
-def _elem_strides(a) -> List[int]:
-    return [s // a.itemsize for s in a.strides]
+def _ld_ok(shape, layout) -> bool:
+    """cuBLAS needs a leading dimension of at least the stored column-major matrix's rows."""
+    op, ld = layout
+    r, c = shape
+    return ld >= max(1, c if op == 0 else r)
 
 
-class _CupySteps:
-    """The chunk steps on the GPU: cuBLAS for the products, our kernels for the fused steps."""
+def gemm_ready(shape, strides) -> bool:
+    """Whether a whole array (element strides) is a cuBLAS operand in place, and so is every
+    chunk's part of it: no negative stride, unit stride along one of its last two axes and a
+    valid leading dimension. Other arrays are copied once per call (`_CupySteps._tensor`)."""
+    if min(strides, default=0) < 0:
+        return False
+    layout = _layout(shape[-2:], strides[-2:])
+    return layout is not None and _ld_ok(shape[-2:], layout)
+
+
+@dataclass(frozen=True)
+class GemmOperand:
+    """One operand of a chunk's product as planned: a (batch..., rows, cols) view's shape and
+    element strides (broadcast axes: size 1 or stride 0), cudaDataType and itemsize. Its address
+    is not part of it: that comes per chunk."""
+    shape: Tuple[int, ...]
+    strides: Tuple[int, ...]
+    ctype: int
+    itemsize: int
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """The cublasGemmStridedBatchedEx calls of one product c (=|+=) a @ b of one chunk shape.
+
+    Row-major C = A B is column-major C^T = B^T A^T, so cuBLAS' A is our b and its B our a: the
+    fields are cuBLAS' arguments (strides in elements). `calls` holds, per call, the byte offsets
+    added to our a's, b's and c's addresses and whether it accumulates (beta = 1)."""
+    transa: int
+    transb: int
+    m: int
+    n: int
+    k: int
+    a_type: int
+    lda: int
+    stride_a: int
+    b_type: int
+    ldb: int
+    stride_b: int
+    c_type: int
+    ldc: int
+    stride_c: int
+    count: int
+    calls: Tuple[Tuple[int, int, int, bool], ...]
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_gemm(a: GemmOperand, b: GemmOperand, c: GemmOperand, accumulate: bool) -> GemmPlan:
+    """Plan c (=|+=) a @ b over broadcast batch axes (axes where c has size 1 are summed).
+
+    c must have unit stride along its last axis (only our buffers and outputs are passed); a and b
+    must be `gemm_ready`. Cached across calls: the arguments are only shapes, strides and types."""
+    nb = len(c.shape) - 2
+    batch = tuple(max(x, y, z) for x, y, z in zip(a.shape[:nb], b.shape[:nb], c.shape[:nb]))
+    M, K = a.shape[-2:]
+    N = b.shape[-1]
+    assert b.shape[-2] == K and tuple(c.shape[-2:]) == (M, N), (a.shape, b.shape, c.shape)
+    if M == 0 or N == 0 or math.prod(batch) == 0:
+        return GemmPlan(0, 0, 0, 0, 0, a.ctype, 1, 0, b.ctype, 1, 0, c.ctype, 1, 0, 0, calls=())
+
+    def broadcast(op):   # strides of `op` broadcast to the batch shape (like broadcast_to)
+        return [0 if (op.shape[i] == 1 and batch[i] != 1) else op.strides[i] for i in range(nb)] + list(op.strides[nb:])
+    sa, sb, sc = broadcast(a), broadcast(b), broadcast(c)
+    ma, mb, mc = sa[-2:], sb[-2:], sc[-2:]
+    if K > 0:
+        for op, s in ((a, sa), (b, sb)):
+            if not gemm_ready(op.shape[-2:], s):
+                raise AssertionError(f"chunked gemm: operand {op} is not a cuBLAS operand in place")
+    assert mc[1] == 1 or N == 1, "chunked gemm: C needs unit stride along its last axis"
+    # batch axes as (size, stride in a, in b, in c), size-1 axes dropped
+    axes = [(batch[i], sa[i], sb[i], sc[i]) for i in range(nb) if batch[i] != 1]
+    # Fold the innermost batch axis into M when B is broadcast along it (the G query heads
+    # of one kv head become rows), or into K when C is (a sum over the G heads).
+    # (Only while the leading dimensions stay valid for the taller matrix: a transposed
+    # operand's rows may continue at the next batch entry with a leading dimension too short.)
+    def valid(m, k):
+        return all(lay is not None and _ld_ok(shape, lay)
+                   for shape, lay in (((m, k), _layout((m, k), ma)), ((k, N), _layout((k, N), mb))))
+    while axes:
+        n, xa, xb, xc = axes[-1]
+        if xb == 0 and xc != 0 and xa == M * ma[0] and xc == M * mc[0] and M > 0 and valid(M * n, K):
+            M *= n
+        elif xc == 0 and xa == K * ma[1] and xb == K * mb[0] and K > 0 and valid(M, K * n):
+            K *= n
+        else:
+            break
+        axes.pop()
+    # Merge adjacent batch axes with compatible strides.
+    merged = []
+    for ax in axes:
+        if merged:
+            n0, a0, b0, c0 = merged[-1]
+            n, xa, xb, xc = ax
+            if a0 == n * xa and b0 == n * xb and c0 == n * xc:
+                merged[-1] = (n0 * n, xa, xb, xc)
+                continue
+        merged.append(ax)
+    # cuBLAS' own batch: the largest axis C is not shared along (the innermost of equal ones);
+    # the others are a loop of calls.
+    own = [i for i, ax in enumerate(merged) if ax[3] != 0]
+    if own:
+        count, str_a, str_b, str_c = merged.pop(max(own, key=lambda i: (merged[i][0], i)))
+    else:
+        count, str_a, str_b, str_c = 1, 0, 0, 0
+    if K > 0:
+        la, lb = _layout((M, K), ma), _layout((K, N), mb)     # after folding M or K
+    else:                    # nothing to multiply: cuBLAS writes beta * C; any valid layout
+        la, lb = (0, 1), (0, max(N, 1))
+    ldc = mc[0] if M > 1 else max(N, 1)
+    assert _ld_ok((M, K), la) and _ld_ok((K, N), lb) and ldc >= max(1, N), "chunked gemm: leading dimension"
+    calls = []
+    written = set()
+    for idx in np.ndindex(*[m[0] for m in merged]):
+        oa = sum(i * m[1] for i, m in zip(idx, merged))
+        ob = sum(i * m[2] for i, m in zip(idx, merged))
+        oc = sum(i * m[3] for i, m in zip(idx, merged))
+        # a sum over an axis C is shared along: the first call to a C block overwrites, the
+        # others add (C blocks of different calls are the same memory or disjoint)
+        calls.append((oa * a.itemsize, ob * b.itemsize, oc * c.itemsize, accumulate or oc in written))
+        written.add(oc)
+    # row-major C = A B  <=>  col-major C^T = B^T A^T
+    return GemmPlan(transa=lb[0], transb=la[0], m=N, n=M, k=K,
+                    a_type=b.ctype, lda=lb[1], stride_a=str_b,
+                    b_type=a.ctype, ldb=la[1], stride_b=str_a,
+                    c_type=c.ctype, ldc=ldc, stride_c=str_c, count=count, calls=tuple(calls))
+
+
+class _Tensor:
+    """Address arithmetic for one whole array in the grouped form (batch..., Hkv, G, L[, C]):
+    element (bi, h, g, r, 0) lies at base(bi) + h*bh + g*bg + r*br bytes.
+
+    `strides` are the (h, g, r, c) element strides. Arrays of Hq heads (`group` = G) split their
+    head axis like `_grouped`; arrays of Hkv heads (`group` None: K, V, dK, dV) get g stride 0,
+    the axis every query head of a group shares (the `None` axis of the views)."""
+    __slots__ = ("array", "ptr", "batch", "strides", "bh", "bg", "br")
+
+    def __init__(self, array, ptr: int, nbatch: int, group: Optional[int]):
+        itemsize = array.itemsize
+        byte = tuple(int(s) for s in array.strides)
+        assert all(s % itemsize == 0 for s in byte)
+        self.array = array                      # keeps a copy made for this call alive
+        self.ptr = int(ptr)
+        self.batch = byte[:nbatch]
+        sh, sr, sc = (byte[nbatch:] + (0,))[:3]     # lse has no column axis
+        bh, bg = (group * sh, sh) if group else (sh, 0)
+        self.bh, self.bg, self.br = bh, bg, sr
+        self.strides = tuple(s // itemsize for s in (bh, bg, sr, sc))
+
+    def base(self, bi) -> int:
+        """Address of batch element bi's first element."""
+        return self.ptr + sum(i * s for i, s in zip(bi, self.batch))
+
+    def operand(self, shape, ctype, transpose=False) -> GemmOperand:
+        """The (h, g, r, c) view of `shape` as a GEMM operand (transpose: its last two axes swapped)."""
+        st = self.strides
+        if transpose:
+            shape, st = shape[:2] + (shape[3], shape[2]), st[:2] + (st[3], st[2])
+        return GemmOperand(tuple(shape), tuple(st), ctype, self.array.itemsize)
+
+
+def _block_operand(cshape, n, dtype, transpose=False) -> GemmOperand:
+    """A workspace block (`_block`) as a GEMM operand: C-contiguous rows of pitch row_pitch(n)."""
+    hh, gg, rr = cshape
+    pitch = row_pitch(n)
+    shape, strides = (hh, gg, rr, n), (gg * rr * pitch, rr * pitch, pitch, 1)
+    if transpose:
+        shape, strides = (hh, gg, n, rr), (gg * rr * pitch, rr * pitch, 1, pitch)
+    return GemmOperand(shape, strides, _CUDA_TYPES[dtype][1], dtype.itemsize)
+
+
+class _CudaDevice:
+    """What the CuPy path needs from CUDA, bound once per call: cuBLAS' strided batched GEMM
+    (handle, compute type, host pointers of alpha = 1 and beta = 0 / 1) and kernel launches.
+    The CPU tests put an emulation in its place (same methods) to run the CuPy path on NumPy."""
 
     def __init__(self, problem: Problem):
         import cupy
         from cupy_backends.cuda.libs import cublas
-        self.cupy, self.cublas = cupy, cublas
-        self.problem = problem
-        self.ct = problem.compute_dtype
-        self.c_type = _CUDA_TYPES[self.ct][1]
+        ct = problem.compute_dtype
+        self._cupy = cupy
+        self._gemm = cublas.gemmStridedBatchedEx
+        self._handle = cupy.cuda.device.get_cublas_handle()
+        self._compute = cublas.CUBLAS_COMPUTE_64F if ct == FLOAT64 else cublas.CUBLAS_COMPUTE_32F
+        self._algo = cublas.CUBLAS_GEMM_DEFAULT
+        # cuBLAS reads alpha and beta from host memory (the default pointer mode) during the
+        # call; the arrays live as long as this object.
+        self._scalars = (np.ones((), ct), np.zeros((), ct))
+        self._one, self._zero = (int(s.ctypes.data) for s in self._scalars)
         self.smem_limit = resident_smem_limit(cupy.cuda.Device().id)
-        self.compute = cublas.CUBLAS_COMPUTE_64F if self.ct == FLOAT64 else cublas.CUBLAS_COMPUTE_32F
-        self.one = np.ones((), self.ct)
-        self.zero = np.zeros((), self.ct)
+
+    @staticmethod
+    def ptr(a) -> int:
+        return a.data.ptr
+
+    def contiguous(self, a):
+        return self._cupy.ascontiguousarray(a)
+
+    @staticmethod
+    def function(spec: KernelSpec):
+        return _kernels.get_function(spec)
+
+    @staticmethod
+    def allow_shared_memory(fn, nbytes: int) -> None:
+        _kernels.set_dynamic_shared_memory(fn, nbytes)
+
+    def gemm(self, plan: GemmPlan, a: int, b: int, c: int, accumulate: bool) -> None:
+        """One call of `plan` with cuBLAS' operands A, B, C at addresses a, b, c."""
+        self._gemm(self._handle, plan.transa, plan.transb, plan.m, plan.n, plan.k, self._one,
+                   a, plan.a_type, plan.lda, plan.stride_a, b, plan.b_type, plan.ldb, plan.stride_b,
+                   self._one if accumulate else self._zero,
+                   c, plan.c_type, plan.ldc, plan.stride_c, plan.count, self._compute, self._algo)
+
+    @staticmethod
+    def launch(kind: str, fn, grid, block, args, shared_mem: int, scores: int) -> None:
+        """Launch a fused step (kind and scores, the score elements it covers, are for tools
+        that time the steps)."""
+        fn(grid, block, args, shared_mem=shared_mem)
+
+
+# Pointer kernel arguments: CuPy passes a NumPy scalar by value in its own size, so a uint64
+# fills the 8 bytes of a `T*` parameter (CuPy arrays are not needed to pass an address).
+_PTR = np.uint64
+
+
+class _ChunkPlan:
+    """Everything a chunk of one shape (hh, gg, rr, n) needs but its addresses: the products'
+    plans and the fused steps' launch shapes and shape-dependent arguments."""
+    __slots__ = ("gemms", "grid", "block", "smem", "n_pitch", "rows", "tail", "d_grid", "d_block", "d_tail")
+
+
+class _CupySteps:
+    """The chunk steps on the GPU: cuBLAS for the products, our kernels for the fused steps,
+    called with integer addresses (see the section comment)."""
+
+    def __init__(self, problem: Problem, device=None):
+        self.problem = problem
+        self.dev = _CudaDevice(problem) if device is None else device
+        self.ct, self.dt = problem.compute_dtype, problem.dtype
         mask_type = None if problem.mask is None else (
             "bool" if problem.mask_kind == "bool" else np.dtype(problem.mask.dtype))
-        self.f_softmax = _kernels.get_function(softmax_spec(problem.dtype, mask_type, False))
-        self.f_recompute = _kernels.get_function(softmax_spec(problem.dtype, mask_type, True))
-        self.f_dscores = _kernels.get_function(dscores_spec(problem.dtype))
+        self.f_softmax = self.dev.function(softmax_spec(problem.dtype, mask_type, False))
+        self.f_recompute = self.dev.function(softmax_spec(problem.dtype, mask_type, True))
+        self.f_dscores = self.dev.function(dscores_spec(problem.dtype))
         self.scale = self.ct.type(problem.scale)
 
-    # -- GEMM ------------------------------------------------------------------------------
-    @staticmethod
-    def _layout(shape, strides):
-        """(cuBLAS op flag, leading dimension) for a row-major (r, c) operand view, or None when
-        neither axis has unit stride."""
-        r, c = shape
-        sr, sc = strides
-        if sr < 0 or sc < 0:
-            return None
-        if sc == 1 or c == 1:
-            return 0, (sr if r > 1 else max(c, 1))     # memory is col-major X^T: op N
-        if sr == 1 or r == 1:
-            return 1, (sc if c > 1 else max(r, 1))     # memory is col-major X: op T
-        return None
+    # -- setup, once per call --------------------------------------------------------------
+    def _tensor(self, array, grouped: bool, operand: bool = False) -> _Tensor:
+        """Address arithmetic for `array` (of Hq heads if grouped, else of Hkv). A GEMM operand
+        that cuBLAS cannot read in place (no unit stride along its last two axes, negative
+        strides) is copied once, as a whole; the copy lives as long as the runner."""
+        st = array.strides
+        if any(s % array.itemsize for s in st) or (
+                operand and not gemm_ready(array.shape, [s // array.itemsize for s in st])):
+            array = self.dev.contiguous(array)
+        group = self.problem.group_size if grouped else None
+        return _Tensor(array, self.dev.ptr(array), len(self.problem.batch_shape), group)
 
-    def gemm(self, c, a, b, accumulate=False):
-        """c (=|+=) a @ b over broadcast batch axes (axes where c has size 1 are summed).
+    def _strides_args(self, t: Optional[_Tensor], count: int) -> tuple:
+        return tuple(np.int64(s) for s in (t.strides[:count] if t is not None else (0,) * count))
 
-        c must have unit stride along its last axis (only our buffers and outputs are passed)."""
-        cp = self.cupy
-        nb = c.ndim - 2
-        batch = tuple(max(x, y, z) for x, y, z in zip(a.shape[:nb], b.shape[:nb], c.shape[:nb]))
-        a = cp.broadcast_to(a, batch + a.shape[-2:])
-        b = cp.broadcast_to(b, batch + b.shape[-2:])
-        if self._layout(a.shape[-2:], _elem_strides(a)[-2:]) is None or min(a.strides) < 0:
-            a = cp.ascontiguousarray(a)
-        if self._layout(b.shape[-2:], _elem_strides(b)[-2:]) is None or min(b.strides) < 0:
-            b = cp.ascontiguousarray(b)
-        sa, sb, sc = _elem_strides(a), _elem_strides(b), _elem_strides(c)
-        sc = [0 if (c.shape[i] == 1 and batch[i] != 1) else sc[i] for i in range(nb)] + sc[nb:]
-        M, K = a.shape[-2:]
-        N = b.shape[-1]
-        ma, mb, mc = sa[-2:], sb[-2:], sc[-2:]
-        assert mc[1] == 1 or N == 1, "chunked gemm: C needs unit stride along its last axis"
-        if M == 0 or N == 0 or math.prod(batch) == 0:
-            return
-        # batch axes as (size, stride in a, in b, in c), size-1 axes dropped
-        axes = [(batch[i], sa[i], sb[i], sc[i]) for i in range(nb) if batch[i] != 1]
-        # Fold the innermost batch axis into M when B is broadcast along it (the G query heads
-        # of one kv head become rows), or into K when C is (a sum over the G heads).
-        while axes:
-            n, xa, xb, xc = axes[-1]
-            if xb == 0 and xc != 0 and xa == M * ma[0] and xc == M * mc[0] and M > 0:
-                M *= n
-            elif xc == 0 and xa == K * ma[1] and xb == K * mb[0] and K > 0:
-                K *= n
-            else:
-                break
-            axes.pop()
-        # Merge adjacent batch axes with compatible strides.
-        merged = []
-        for ax in axes:
-            if merged:
-                n0, a0, b0, c0 = merged[-1]
-                n, xa, xb, xc = ax
-                if a0 == n * xa and b0 == n * xb and c0 == n * xc:
-                    merged[-1] = (n0 * n, xa, xb, xc)
-                    continue
-            merged.append(ax)
-        reduces = any(ax[3] == 0 for ax in merged)
-        if reduces and not accumulate:
-            c.fill(0)
-            accumulate = True
-        # cuBLAS' own batch: the innermost axis, unless C is shared along it (then a loop).
-        if merged and merged[-1][3] != 0:
-            count, str_a, str_b, str_c = merged.pop()
-        else:
-            count, str_a, str_b, str_c = 1, 0, 0, 0
-        la, lb = self._layout((M, K), ma), self._layout((K, N), mb)
-        ldc = mc[0] if M > 1 else max(N, 1)
-        a_t, b_t = _CUDA_TYPES[np.dtype(a.dtype)][1], _CUDA_TYPES[np.dtype(b.dtype)][1]
-        c_t = _CUDA_TYPES[np.dtype(c.dtype)][1]     # the output dtype (half: rounded once by cuBLAS)
-        beta = self.one if accumulate else self.zero
-        handle = cp.cuda.device.get_cublas_handle()
-        for idx in np.ndindex(*[m[0] for m in merged]):
-            oa = sum(i * m[1] for i, m in zip(idx, merged))
-            ob = sum(i * m[2] for i, m in zip(idx, merged))
-            oc = sum(i * m[3] for i, m in zip(idx, merged))
-            # row-major C = A B  <=>  col-major C^T = B^T A^T
-            self.cublas.gemmStridedBatchedEx(
-                handle, lb[0], la[0], N, M, K, self.one.ctypes.data,
-                _ptr(b) + ob * b.itemsize, b_t, lb[1], str_b,
-                _ptr(a) + oa * a.itemsize, a_t, la[1], str_a,
-                beta.ctypes.data,
-                _ptr(c) + oc * c.itemsize, c_t, ldc, str_c,
-                count, self.compute, self.cublas.CUBLAS_GEMM_DEFAULT)
-
-    # -- fused steps -----------------------------------------------------------------------
-    def _rows(self, s):
-        nh, ng, nr, n = s.shape
-        return nh * ng * nr, ng, nr, n
-
-    def _mask_args(self, mask):
-        if mask is None:
-            return (np.intp(0),) + (np.int64(0),) * 4
-        st = _elem_strides(mask)
-        return (mask,) + tuple(np.int64(x) for x in st)
-
-    def _pitch(self, s, p):
-        pitch = s.strides[-2] // s.itemsize
-        assert p.strides[-2] // p.itemsize == pitch and pitch % ROW_ALIGN == 0
-        return pitch
-
-    def _softmax(self, fn, s, p, lse, mask, r0, recompute):
-        problem = self.problem
-        rows, ng, nr, n = self._rows(s)
-        if rows == 0:
-            return
-        pitch = self._pitch(s, p)
-        causal_offset = r0 + problem.len_k - problem.len_q
-        ls = _elem_strides(lse)
+    def _launch_plan(self, c: _ChunkPlan, fn, cshape, n, recompute: bool) -> None:
+        """Launch shape and shape-dependent arguments of the softmax step (and of dscores, which
+        has the same row shape)."""
+        hh, gg, rr = cshape
+        rows = hh * gg * rr
         tpr, rpb, vectors = launch_shape(n, self.ct.itemsize)
         smem = 0 if recompute else rpb * vectors * 16
-        resident = 0 < smem <= self.smem_limit
+        resident = 0 < smem <= self.dev.smem_limit
         if resident:
-            _kernels.set_dynamic_shared_memory(fn, smem)
-        fn((-(-rows // rpb),), (rpb * tpr,),
-           (s, np.int64(n), np.int64(pitch), p, lse, np.int64(ls[0]), np.int64(ls[1]), np.int64(ls[2]))
-           + self._mask_args(mask)
-           + (np.int64(rows), np.int64(ng), np.int64(nr), np.int64(causal_offset), np.int32(problem.causal),
-              self.scale, np.int32(tpr), np.int32(resident)),
-           shared_mem=smem if resident else 0)
+            self.dev.allow_shared_memory(fn, smem)
+        c.grid, c.block, c.smem = (-(-rows // rpb),), (rpb * tpr,), (smem if resident else 0)
+        c.n_pitch = (np.int64(n), np.int64(row_pitch(n)))
+        c.rows = (np.int64(rows), np.int64(gg), np.int64(rr))
+        c.tail = (self.scale, np.int32(tpr), np.int32(resident))
+        c.d_grid, c.d_block = c.grid, c.block
+        c.d_tail = (self.scale, np.int32(tpr))
 
-    def softmax(self, s, p, lse, mask, r0):
-        self._softmax(self.f_softmax, s, p, lse, mask, r0, False)
+    def _run_gemm(self, plan: GemmPlan, a: int, b: int, c: int) -> None:
+        """Our c (=|+=) a @ b with a, b, c the addresses of the chunk's views."""
+        gemm = self.dev.gemm
+        for oa, ob, oc, acc in plan.calls:
+            gemm(plan, b + ob, a + oa, c + oc, acc)        # cuBLAS' A is our b (see GemmPlan)
 
-    def recompute(self, s, p, lse, mask, r0):
-        self._softmax(self.f_recompute, s, p, lse, mask, r0, True)
+    # -- forward ---------------------------------------------------------------------------
+    def forward_runner(self, out, lse, s_buf, p_buf):
+        problem, dev = self.problem, self.dev
+        ct, dt = self.ct, self.dt
+        d_type = _CUDA_TYPES[dt][1]
+        d, dv = problem.head_dim, problem.head_dim_v
+        q = self._tensor(problem.q, True, operand=True)
+        k = self._tensor(problem.k, False, operand=True)
+        v = self._tensor(problem.v, False, operand=True)
+        o = self._tensor(out, True)
+        ls = self._tensor(lse, True)
+        m = None if problem.mask is None else self._tensor(problem.mask, True)
+        s_ptr, p_ptr = dev.ptr(s_buf), dev.ptr(p_buf)
+        s_arg, p_arg = _PTR(s_ptr), _PTR(p_ptr)
+        lse_st, mask_st = self._strides_args(ls, 3), self._strides_args(m, 4)
+        causal_shift = problem.len_k - problem.len_q            # causal_offset = r0 + this
+        causal = np.int32(problem.causal)
+        plans = {}
 
-    def dscores(self, p, dp, dout, out):
-        rows, ng, nr, n = self._rows(p)
-        if rows == 0:
-            return
-        pitch = self._pitch(dp, p)
-        sd, so = _elem_strides(dout), _elem_strides(out)
-        dv = dout.shape[-1]
-        tpr, rpb, _ = launch_shape(n, self.ct.itemsize)
-        self.f_dscores((-(-rows // rpb),), (rpb * tpr,),
-                       (p, dp, np.int64(n), np.int64(pitch), dout) + tuple(np.int64(x) for x in sd)
-                       + (out,) + tuple(np.int64(x) for x in so)
-                       + (np.int64(dv), np.int64(rows), np.int64(ng), np.int64(nr), self.scale, np.int32(tpr)))
+        def plan(key):
+            hh, gg, rr, n = key
+            c = _ChunkPlan()
+            c.gemms = (
+                plan_gemm(q.operand((hh, gg, rr, d), d_type), k.operand((hh, 1, n, d), d_type, transpose=True),
+                          _block_operand((hh, gg, rr), n, ct), False),
+                plan_gemm(_block_operand((hh, gg, rr), n, dt), v.operand((hh, 1, n, dv), d_type),
+                          o.operand((hh, gg, rr, dv), d_type), False))
+            self._launch_plan(c, self.f_softmax, (hh, gg, rr), n, recompute=False)
+            plans[key] = c
+            return c
+
+        gemm, launch, fn = self._run_gemm, dev.launch, self.f_softmax
+
+        def run(bi, chunks):
+            qb, kb, vb, ob, lb = q.base(bi), k.base(bi), v.base(bi), o.base(bi), ls.base(bi)
+            mb = 0 if m is None else m.base(bi)
+            for h0, h1, g0, g1, r0, r1, n in chunks:
+                key = (h1 - h0, g1 - g0, r1 - r0, n)
+                c = plans.get(key) or plan(key)
+                qk, pv = c.gemms
+                # S = Q_c K^T
+                gemm(qk, qb + h0 * q.bh + g0 * q.bg + r0 * q.br, kb + h0 * k.bh, s_ptr)
+                # P = softmax step(S), lse
+                mask_ptr = 0 if m is None else mb + h0 * m.bh + g0 * m.bg + r0 * m.br
+                launch("softmax", fn, c.grid, c.block,
+                       (s_arg,) + c.n_pitch + (p_arg, _PTR(lb + h0 * ls.bh + g0 * ls.bg + r0 * ls.br))
+                       + lse_st + (_PTR(mask_ptr),) + mask_st + c.rows
+                       + (np.int64(r0 + causal_shift), causal) + c.tail,
+                       c.smem, key[0] * key[1] * key[2] * n)
+                # O_c = P V straight into the output (accumulated in the compute dtype, one rounding)
+                gemm(pv, p_ptr, vb + h0 * v.bh, ob + h0 * o.bh + g0 * o.bg + r0 * o.br)
+        return run
+
+    # -- backward --------------------------------------------------------------------------
+    def backward_runner(self, dout, out, lse, dq, dk, dv, s_buf, p_buf, dp_buf):
+        problem, dev = self.problem, self.dev
+        ct, dt = self.ct, self.dt
+        c_type, d_type = _CUDA_TYPES[ct][1], _CUDA_TYPES[dt][1]
+        d, dvd = problem.head_dim, problem.head_dim_v
+        q = self._tensor(problem.q, True, operand=True)
+        k = self._tensor(problem.k, False, operand=True)
+        v = self._tensor(problem.v, False, operand=True)
+        do = self._tensor(dout, True, operand=True)
+        o = self._tensor(out, True)
+        ls = self._tensor(lse, True)
+        m = None if problem.mask is None else self._tensor(problem.mask, True)
+        gq, gk, gv = self._tensor(dq, True), self._tensor(dk, False), self._tensor(dv, False)
+        s_ptr, p_ptr, dp_ptr = dev.ptr(s_buf), dev.ptr(p_buf), dev.ptr(dp_buf)
+        s_arg, p_arg, dp_arg = _PTR(s_ptr), _PTR(p_ptr), _PTR(dp_ptr)
+        lse_st, mask_st = self._strides_args(ls, 3), self._strides_args(m, 4)
+        do_st, o_st = self._strides_args(do, 4), self._strides_args(o, 4)
+        dv_arg = np.int64(dvd)
+        causal_shift = problem.len_k - problem.len_q
+        causal = np.int32(problem.causal)
+        plans = {}
+
+        def plan(key):
+            hh, gg, rr, n = key
+            c = _ChunkPlan()
+            rows_q, rows_k = (hh, gg, rr), (hh, 1, n)
+            c.gemms = (
+                # S = Q_c K^T
+                plan_gemm(q.operand(rows_q + (d,), d_type), k.operand(rows_k + (d,), d_type, transpose=True),
+                          _block_operand(rows_q, n, ct), False),
+                # dV += P^T dO (summed over the group)
+                plan_gemm(_block_operand(rows_q, n, dt, transpose=True), do.operand(rows_q + (dvd,), d_type),
+                          gv.operand(rows_k + (dvd,), c_type), True),
+                # dP = dO V^T
+                plan_gemm(do.operand(rows_q + (dvd,), d_type), v.operand(rows_k + (dvd,), d_type, transpose=True),
+                          _block_operand(rows_q, n, ct), False),
+                # dQ_c = dS K
+                plan_gemm(_block_operand(rows_q, n, dt), k.operand(rows_k + (d,), d_type),
+                          gq.operand(rows_q + (d,), c_type), False),
+                # dK += dS^T Q_c (summed over the group)
+                plan_gemm(_block_operand(rows_q, n, dt, transpose=True), q.operand(rows_q + (d,), d_type),
+                          gk.operand(rows_k + (d,), c_type), True))
+            self._launch_plan(c, self.f_recompute, rows_q, n, recompute=True)
+            plans[key] = c
+            return c
+
+        gemm, launch = self._run_gemm, dev.launch
+        f_recompute, f_dscores = self.f_recompute, self.f_dscores
+
+        def run(bi, chunks):
+            qb, kb, vb, dob, ob, lb = q.base(bi), k.base(bi), v.base(bi), do.base(bi), o.base(bi), ls.base(bi)
+            gqb, gkb, gvb = gq.base(bi), gk.base(bi), gv.base(bi)
+            mb = 0 if m is None else m.base(bi)
+            for h0, h1, g0, g1, r0, r1, n in chunks:
+                key = (h1 - h0, g1 - g0, r1 - r0, n)
+                c = plans.get(key) or plan(key)
+                qk, dv_p, dp_p, dq_p, dk_p = c.gemms
+                scores = key[0] * key[1] * key[2] * n
+                qc = qb + h0 * q.bh + g0 * q.bg + r0 * q.br
+                doc = dob + h0 * do.bh + g0 * do.bg + r0 * do.br
+                kc, vc = kb + h0 * k.bh, vb + h0 * v.bh
+                gemm(qk, qc, kc, s_ptr)
+                mask_ptr = 0 if m is None else mb + h0 * m.bh + g0 * m.bg + r0 * m.br
+                launch("recompute", f_recompute, c.grid, c.block,
+                       (s_arg,) + c.n_pitch + (p_arg, _PTR(lb + h0 * ls.bh + g0 * ls.bg + r0 * ls.br))
+                       + lse_st + (_PTR(mask_ptr),) + mask_st + c.rows
+                       + (np.int64(r0 + causal_shift), causal) + c.tail,
+                       c.smem, scores)
+                gemm(dv_p, p_ptr, doc, gvb + h0 * gv.bh)
+                gemm(dp_p, doc, vc, dp_ptr)
+                launch("dscores", f_dscores, c.d_grid, c.d_block,
+                       (p_arg, dp_arg) + c.n_pitch + (_PTR(doc),) + do_st
+                       + (_PTR(ob + h0 * o.bh + g0 * o.bg + r0 * o.br),) + o_st
+                       + (dv_arg,) + c.rows + c.d_tail,
+                       0, scores)
+                gemm(dq_p, p_ptr, kc, gqb + h0 * gq.bh + g0 * gq.bg + r0 * gq.br)
+                gemm(dk_p, p_ptr, qc, gkb + h0 * gk.bh)
+        return run
 
 
 def _steps(problem: Problem):
@@ -489,46 +859,21 @@ def _steps(problem: Problem):
 # ---------------------------------------------------------------------------------------------
 # The driver.
 
-def _swap(a):
-    return a.swapaxes(-1, -2)
-
-
-def _block(buf, cshape, n):
-    """A chunk's (heads, groups, rows, n) score block at the start of a workspace buffer, rows
-    `row_pitch(n)` elements apart."""
-    pitch = row_pitch(n)
-    return buf[:math.prod(cshape) * pitch].reshape(cshape + (pitch,))[..., :n]
-
-
 def chunked_forward(problem: Problem, budget: Optional[int] = None):
     xp, ct, dt = problem.xp, problem.compute_dtype, problem.dtype
     steps = _steps(problem)
     rows = chunk_rows(problem, "forward", budget)
-    tile = row_tile(problem)
     lk, dv = problem.len_k, problem.head_dim_v
     half = dt in HALF_DTYPES
     shape = problem.batch_shape + (problem.num_heads_q, problem.len_q)
-    out = xp.zeros(shape + (dv,), dt)
+    out = xp.zeros(shape + (dv,), dt)               # rows that see no key: out 0, lse -inf
     lse = xp.full(shape, -np.inf, ct)
     s_buf = xp.empty(rows * row_pitch(lk), ct)
     p_buf = xp.empty(rows * row_pitch(lk), dt) if half else s_buf
+    run = steps.forward_runner(out, lse, s_buf, p_buf)
+    chunks = problem_chunks(problem, rows)
     for bi in np.ndindex(*problem.batch_shape):
-        q, k, v = _grouped(problem, problem.q[bi]), problem.k[bi], problem.v[bi]
-        mask = None if problem.mask is None else _grouped(problem, problem.mask[bi])
-        out_b, lse_b = _grouped(problem, out[bi]), _grouped(problem, lse[bi][..., None])[..., 0]
-        for h0, h1, g0, g1, r0, r1 in iter_chunks(problem.num_heads_kv, problem.group_size,
-                                                  problem.len_q, rows, tile):
-            n = visible_keys(problem, r1)
-            if n == 0:
-                continue          # no row of the chunk sees a key: out 0, lse -inf already
-            cshape = (h1 - h0, g1 - g0, r1 - r0)
-            s = _block(s_buf, cshape, n)
-            p = _block(p_buf, cshape, n)
-            steps.gemm(s, q[h0:h1, g0:g1, r0:r1], _swap(k[h0:h1, None, :n]))
-            m = None if mask is None else mask[h0:h1, g0:g1, r0:r1, :n]
-            steps.softmax(s, p, lse_b[h0:h1, g0:g1, r0:r1], m, r0)
-            # O_c = P V straight into the output (accumulated in the compute dtype, one rounding)
-            steps.gemm(out_b[h0:h1, g0:g1, r0:r1], p, v[h0:h1, None, :n])
+        run(bi, chunks)
     return out, lse
 
 
@@ -536,39 +881,18 @@ def chunked_backward(problem: Problem, dout, out, lse, budget: Optional[int] = N
     xp, ct, dt = problem.xp, problem.compute_dtype, problem.dtype
     steps = _steps(problem)
     rows = chunk_rows(problem, "backward", budget)
-    tile = row_tile(problem)
     lk = row_pitch(problem.len_k)
     half = dt in HALF_DTYPES
-    dq = xp.zeros(problem.q.shape, ct)
+    dq = xp.zeros(problem.q.shape, ct)              # rows that see no key: zero gradients
     dk = xp.zeros(problem.k.shape, ct)
     dv = xp.zeros(problem.v.shape, ct)
     s_buf = xp.empty(rows * lk, ct)                            # S, then dP (half inputs)
     p_buf = xp.empty(rows * lk, dt) if half else s_buf         # P, then dS
     dp_buf = s_buf if half else xp.empty(rows * lk, ct)
+    run = steps.backward_runner(dout, out, lse, dq, dk, dv, s_buf, p_buf, dp_buf)
+    chunks = problem_chunks(problem, rows)
     for bi in np.ndindex(*problem.batch_shape):
-        q, k, v = _grouped(problem, problem.q[bi]), problem.k[bi], problem.v[bi]
-        mask = None if problem.mask is None else _grouped(problem, problem.mask[bi])
-        do_b, o_b = _grouped(problem, dout[bi]), _grouped(problem, out[bi])
-        lse_b = _grouped(problem, lse[bi][..., None])[..., 0]
-        dq_b, dk_b, dv_b = _grouped(problem, dq[bi]), dk[bi], dv[bi]
-        for h0, h1, g0, g1, r0, r1 in iter_chunks(problem.num_heads_kv, problem.group_size,
-                                                  problem.len_q, rows, tile):
-            n = visible_keys(problem, r1)
-            if n == 0:
-                continue          # rows that see nothing have zero gradients
-            cshape = (h1 - h0, g1 - g0, r1 - r0)
-            s = _block(s_buf, cshape, n)
-            p = _block(p_buf, cshape, n)
-            dp = _block(dp_buf, cshape, n)
-            qc, doc = q[h0:h1, g0:g1, r0:r1], do_b[h0:h1, g0:g1, r0:r1]
-            steps.gemm(s, qc, _swap(k[h0:h1, None, :n]))
-            m = None if mask is None else mask[h0:h1, g0:g1, r0:r1, :n]
-            steps.recompute(s, p, lse_b[h0:h1, g0:g1, r0:r1], m, r0)
-            steps.gemm(dv_b[h0:h1, None, :n], _swap(p), doc, accumulate=True)
-            steps.gemm(dp, doc, _swap(v[h0:h1, None, :n]))
-            steps.dscores(p, dp, doc, o_b[h0:h1, g0:g1, r0:r1])
-            steps.gemm(dq_b[h0:h1, g0:g1, r0:r1], p, k[h0:h1, None, :n])
-            steps.gemm(dk_b[h0:h1, None, :n], _swap(p), qc, accumulate=True)
+        run(bi, chunks)
     return dq, dk, dv
 
 
@@ -599,6 +923,10 @@ class ChunkedBackend(Backend):
             out.append(f"{direction}: chunks of {rows} query rows x {problem.len_k} keys, "
                        f"{rows * bytes_per_row(problem, direction) / 2**20:.1f} MiB of a "
                        f"{budget / 2**20:.1f} MiB workspace")
+        tile = row_tile(problem)
+        if tile < problem.len_q:
+            out.append(f"causal: row tiles of {tile} rows along the diagonal; a tile's chunks hold as many "
+                       f"rows of its shorter score rows as the same workspace holds")
         return out
 
     def kernel_specs(self):

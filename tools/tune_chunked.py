@@ -5,10 +5,12 @@ correctness check. One device call, well under 90 s (run from the repo root):
 
 bf16, D=128, H=16, B*L = 16k tokens, L in {4k, 16k}, causal and not: chunked forward and fwd+bwd
 (CUDA events, median of 5) against torch `sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)` on the
-same memory (DLPack; skipped when torch is missing). Then one instrumented forward and backward
-per shape: every GEMM and fused-kernel call is bracketed by CUDA events (wrappers around
-`_CupySteps`' methods), giving GEMM vs softmax time, the softmax step's bytes and its achieved
-bandwidth, and the host (enqueue) time of the call, which tells whether Python is the bottleneck.
+same memory (DLPack; skipped when torch is missing). Then, per shape, the uninstrumented host time
+per call (perf_counter over back-to-back calls, no synchronisation) against the GPU time of the
+same calls (HOST lines: host ~ GPU means host-bound), and one instrumented forward and backward:
+every cuBLAS call and fused-kernel launch is bracketed by CUDA events (wrappers around
+`_CudaDevice.gemm` / `.launch`), giving GEMM vs softmax time, the softmax step's bytes and its
+achieved bandwidth, and the host (enqueue) time of the instrumented call.
 Last lines: a compact summary.
 """
 from __future__ import annotations
@@ -68,41 +70,46 @@ def flops(B, H, L, D, causal, op):
 # Instrumentation: CUDA events around each step of the CuPy path.
 
 class StepTimer:
-    KINDS = {"gemm": "gemm", "softmax": "softmax", "recompute": "softmax", "dscores": "dscores"}
+    """CUDA events around every cuBLAS call and fused-kernel launch of the CuPy path (wrappers
+    around `_CudaDevice.gemm` / `.launch`, the only places it reaches the GPU)."""
+    KINDS = {"softmax": "softmax", "recompute": "softmax", "dscores": "dscores"}
 
-    def __init__(self):
+    def __init__(self, dtype=BF16):
         self.events = []            # (kind, start, end, bytes)
         self.saved = {}
+        self.ps = np.dtype(dtype).itemsize            # P / dS bytes per element
+        self.cs = 8 if np.dtype(dtype) == np.float64 else 4
 
     def __enter__(self):
-        cls = _chunked._CupySteps
-        for name in self.KINDS:
-            orig = getattr(cls, name)
-            self.saved[name] = orig
-            setattr(cls, name, self._wrap(name, orig))
+        cls = _chunked._CudaDevice
+        timer = self
+        for name in ("gemm", "launch"):
+            self.saved[name] = cls.__dict__[name]      # launch is a staticmethod: restore it as such
+        gemm, launch = getattr(cls, "gemm"), getattr(cls, "launch")
+
+        def timed_gemm(dev, *args):
+            a, b = cupy.cuda.Event(), cupy.cuda.Event()
+            a.record()
+            gemm(dev, *args)
+            b.record()
+            timer.events.append(("gemm", a, b, 0))
+
+        def timed_launch(dev, kind, fn, grid, block, args, shared_mem, scores):
+            a, b = cupy.cuda.Event(), cupy.cuda.Event()
+            a.record()
+            launch(kind, fn, grid, block, args, shared_mem, scores)
+            b.record()
+            if kind == "dscores":
+                nbytes = scores * (2 * timer.ps + timer.cs)      # read P, dP, write dS
+            else:
+                nbytes = scores * (timer.cs + timer.ps)          # read S once, write P (upper bound)
+            timer.events.append((timer.KINDS[kind], a, b, nbytes))
+        cls.gemm, cls.launch = timed_gemm, timed_launch
         return self
 
     def __exit__(self, *exc):
         for name, orig in self.saved.items():
-            setattr(_chunked._CupySteps, name, orig)
-
-    def _wrap(self, name, orig):
-        timer = self
-
-        def wrapped(steps, *args, **kw):
-            a, b = cupy.cuda.Event(), cupy.cuda.Event()
-            a.record()
-            orig(steps, *args, **kw)
-            b.record()
-            nbytes = 0
-            if name in ("softmax", "recompute"):
-                s, p = args[0], args[1]
-                nbytes = s.size * (s.itemsize + p.itemsize)          # read S once, write P (upper bound)
-            elif name == "dscores":
-                p, dp = args[0], args[1]
-                nbytes = p.size * (2 * p.itemsize + dp.itemsize)     # read P, dP, write dS
-            timer.events.append((timer.KINDS[name], a, b, nbytes))
-        return wrapped
+            setattr(_chunked._CudaDevice, name, orig)
 
     def summary(self):
         cupy.cuda.Device().synchronize()
@@ -111,6 +118,23 @@ class StepTimer:
             ms, by, n = out.get(kind, (0.0, 0, 0))
             out[kind] = (ms + cupy.cuda.get_elapsed_time(a, b), by + nbytes, n + 1)
         return out
+
+
+def host_and_gpu_ms(fn, reps=10):
+    """Uninstrumented: the host's time per call (perf_counter over `reps` back-to-back calls, no
+    synchronisation in between) and the GPU's (events around the same calls, then synchronise).
+    host < GPU: the GPU is the bottleneck (the host runs ahead); host ~ GPU: host-bound."""
+    fn()
+    cupy.cuda.Device().synchronize()
+    a, b = cupy.cuda.Event(), cupy.cuda.Event()
+    a.record()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - t0) * 1e3 / reps
+    b.record()
+    b.synchronize()
+    return host, cupy.cuda.get_elapsed_time(a, b) / reps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +195,11 @@ def part_timing(Ls, torch, rows):
                 except Exception as exc:  # noqa: BLE001
                     log(f"torch failed: {type(exc).__name__}: {exc}")
 
+            # uninstrumented host time per call against the GPU's (back-to-back calls)
+            o, lse = cupyattn.attention(q, k, v, causal=causal, backend="chunked", return_lse=True)
+            host_gpu = {"fwd": host_and_gpu_ms(c_fwd),
+                    "bwd": host_and_gpu_ms(lambda: cupyattn.attention_backward(
+                        dout, q, k, v, o, lse, causal=causal, backend="chunked"))}
             # one instrumented forward and backward: where the time goes, host enqueue time
             cupy.cuda.Device().synchronize()
             with StepTimer() as tf:
@@ -202,7 +231,10 @@ def part_timing(Ls, torch, rows):
                         bw = by / (ms * 1e-3) / 1e12 if ms > 0 else 0
                         extra = f" {by / 1e9:.2f} GB {bw:.2f} TB/s" if by else ""
                         parts.append(f"{kind} {ms:6.2f} ms/{n} calls{extra}")
-                log(f"SPLIT {tag} {name}: " + " | ".join(parts) + f" | host enqueue {host:6.2f} ms")
+                log(f"SPLIT {tag} {name}: " + " | ".join(parts) + f" | host enqueue {host:6.2f} ms (instrumented)")
+            for name, (h, g) in host_gpu.items():
+                log(f"HOST  {tag} {name}: host {h:6.2f} ms/call uninstrumented, no sync | GPU {g:6.2f} ms/call "
+                    f"back to back | {'host' if h > 0.9 * g else 'GPU'}-bound")
             fr = _chunked.chunk_rows(problem, "forward")
             log(f"PLAN  {tag} rows/chunk fwd {fr} bwd {_chunked.chunk_rows(problem, 'backward')} "
                 f"row tile {_chunked.row_tile(problem)} launch(tpr,rpb,vec)={_chunked.launch_shape(L, 4)}")
