@@ -208,7 +208,8 @@ class FlashBackend(Backend):
         hopper_why = self.hopper_reasons(problem)
         if not hopper_why:
             grid = "persistent grid" if _flash_sm90.persistent_grid(problem) else "one block per tile"
-            return [f"Hopper kernel {_flash_sm90.kernel_name(problem.dtype, problem.head_dim)} "
+            config = _flash_sm90.tile_config(problem.head_dim, problem.len_k)
+            return [f"Hopper kernel {_flash_sm90.kernel_name(problem.dtype, problem.head_dim, config)} "
                     f"(wgmma + TMA, warp-specialised, {grid})"] + _flash_bwd.backward_notes(problem)
         out = ["sm80 kernel (mma.sync) because the Hopper kernel cannot run: " + "; ".join(hopper_why)]
         return out + self._sm80_notes(problem) + _flash_bwd.backward_notes(problem)

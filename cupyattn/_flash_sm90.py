@@ -33,6 +33,13 @@ THREADS = 384            # producer warpgroup + two consumer warpgroups
 # head dim -> (keys per tile BN, K/V ring stages) of the proven configuration
 CONFIGS = {64: (128, 4), 128: (128, 2), 256: (64, 2)}
 HEAD_DIMS = tuple(sorted(CONFIGS))
+# Long key ranges (Lk >= LONG_KEYS) take wider key tiles: fewer online-softmax rescales and
+# barrier rounds per key, which pays once a row has many tiles to walk and costs at short ones
+# (tools/tune_sm90.py on an H200, 2026-11-28, same run: D=128 BN=176 vs 128 at L=16k +3% full,
+# +15% causal, -4% at L=1k; D=64 BN=192 / 3 stages vs 128 / 4 at L=16k +10% full, +3% causal,
+# -9% at 1k; D=256 BN=80 spills).
+LONG_CONFIGS = {64: (192, 3), 128: (176, 2)}
+LONG_KEYS = 8192
 _CTYPES = {FLOAT16: "__half", BFLOAT16: "__nv_bfloat16"}
 _TMA_DTYPE = {FLOAT16: 6, BFLOAT16: 9}    # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
 _MAX_LEN = 2**31 - 1024                   # TMA coordinates and row indices are int32
@@ -59,33 +66,49 @@ def persistent_grid(problem: Problem) -> bool:
     return not (problem.causal and problem.len_k >= 8192)
 
 
-def kernel_name(dtype, head_dim: int) -> str:
-    """The C++ name of the instantiation for `dtype` and `head_dim`."""
-    bn, stages = CONFIGS[head_dim]
+def tile_config(head_dim: int, len_k: int = 0) -> Tuple[int, int]:
+    """(BN, STAGES) the kernel runs with for this head dim and number of keys."""
+    if len_k >= LONG_KEYS and head_dim in LONG_CONFIGS:
+        return LONG_CONFIGS[head_dim]
+    return CONFIGS[head_dim]
+
+
+def configs(head_dim: int) -> List[Tuple[int, int]]:
+    """Every (BN, STAGES) instantiated for a head dim."""
+    out = [CONFIGS[head_dim]]
+    if head_dim in LONG_CONFIGS and LONG_CONFIGS[head_dim] not in out:
+        out.append(LONG_CONFIGS[head_dim])
+    return out
+
+
+def kernel_name(dtype, head_dim: int, config: Tuple[int, int] = None) -> str:
+    """The C++ name of the instantiation for `dtype`, `head_dim` and (BN, STAGES) (default: the
+    short-key configuration)."""
+    bn, stages = config or CONFIGS[head_dim]
     return f"flash_fwd_sm90_kernel<{_CTYPES[np.dtype(dtype)]}, {head_dim}, {bn}, {stages}>"
 
 
 @functools.lru_cache(maxsize=None)
-def spec_for(dtype, head_dim: int) -> KernelSpec:
-    """The instantiation for `dtype` and `head_dim` (cached: CONFIGS is fixed once a process
-    has launched a kernel; tools/tune_sm90.py changes it only before that)."""
-    return KernelSpec(source=SOURCE, name=kernel_name(dtype, head_dim), hopper_only=True)
+def spec_for(dtype, head_dim: int, config: Tuple[int, int] = None) -> KernelSpec:
+    """The instantiation for `dtype`, `head_dim` and `config` (cached: CONFIGS is fixed once a
+    process has launched a kernel; tools/tune_sm90.py changes it only before that)."""
+    return KernelSpec(source=SOURCE, name=kernel_name(dtype, head_dim, config), hopper_only=True)
 
 
 def kernel_specs() -> List[KernelSpec]:
     """Every instantiation forward() can request."""
-    return [spec_for(dt, d) for dt in (FLOAT16, BFLOAT16) for d in HEAD_DIMS]
+    return [spec_for(dt, d, c) for dt in (FLOAT16, BFLOAT16) for d in HEAD_DIMS for c in configs(d)]
 
 
-def smem_bytes(head_dim: int) -> int:
+def smem_bytes(head_dim: int, config: Tuple[int, int] = None) -> int:
     """Dynamic shared memory of one block; mirrors sm90::Plan in the kernel source."""
-    bn, stages = CONFIGS[head_dim]
+    bn, stages = config or CONFIGS[head_dim]
     q = BLOCK_M * head_dim * 2
     kv = bn * head_dim * 2
     return q + 2 * stages * kv + 8 * (4 + 4 * stages) + 1024
 
 
-assert all(smem_bytes(d) <= _SMEM_LIMIT for d in HEAD_DIMS)
+assert all(smem_bytes(d, c) <= _SMEM_LIMIT for d in HEAD_DIMS for c in configs(d))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,11 +275,12 @@ def _dim_entry(extent, stride, placeholder):
     return extent, stride, False
 
 
-def forward(problem: Problem, poison=None, persistent=None, checked=False) -> Tuple[object, object]:
+def forward(problem: Problem, poison=None, persistent=None, checked=False, config=None) -> Tuple[object, object]:
     """(out, lse): out batch_shape + (Hq, Lq, D) in problem.dtype, lse batch_shape + (Hq, Lq) float32.
 
     poison: fill the outputs with NaN before the launch (default: the module's POISON_OUTPUTS);
     persistent: one block per SM (True) or per tile (False); default: persistent_grid(problem);
+    config: (BN, STAGES), one of configs(D) (tests); default: tile_config(D, Lk);
     checked: the caller has just seen supports(problem) come back empty (saves asking twice)."""
     reasons = [] if checked else supports(problem)
     if reasons:
@@ -287,14 +311,15 @@ def forward(problem: Problem, poison=None, persistent=None, checked=False) -> Tu
         kept.insert(0, (1, (0, 0, 0)))
     (nb0, st0), (nb1, st1) = kept
 
-    bn, stages = CONFIGS[D]
+    config = tuple(config) if config is not None else tile_config(D, Lk)
+    bn, stages = config
     group = Hq // Hkv
     num_m = -(-Lq // BLOCK_M)
     num_bh = nb0 * nb1 * Hq
     num_tiles = num_m * num_bh
     device_id = problem.device_id
-    fn = get_function(spec_for(dtype, D), cupy.cuda.Device(device_id))
-    nbytes = smem_bytes(D)
+    fn = get_function(spec_for(dtype, D, config), cupy.cuda.Device(device_id))
+    nbytes = smem_bytes(D, config)
     grid = min(num_tiles, _sm_count(device_id)) if persistent else num_tiles
     set_dynamic_shared_memory(fn, nbytes)
     swz_bh = _swizzle_width(device_id, Lk, D, group, num_bh)

@@ -50,10 +50,13 @@ def _grid_case(lq, lk, d, gqa, causal, batch):
 GRIDS = [pytest.param(True, id="persistent"), pytest.param(False, id="block-per-tile")]
 
 
-def _run(q, k, v, causal, scale=None, persistent=None):
+def _run(q, k, v, causal, scale=None, persistent=None, config=None):
     problem = normalize(q, k, v, causal=causal, scale=scale)
     assert _flash_sm90.supports(problem) == []
-    return _flash_sm90.forward(problem, poison=True, persistent=persistent)
+    return _flash_sm90.forward(problem, poison=True, persistent=persistent, config=config)
+
+
+LONG_TILES = [pytest.param(d, id=f"D{d}") for d in sorted(_flash_sm90.LONG_CONFIGS)]
 
 
 def _check(q, k, v, out, lse, causal, scale=None, ref=None):
@@ -117,6 +120,40 @@ def test_both_grids(persistent, lq, lk, d, causal, dtype):
     out2, lse2 = _run(q, k, v, causal, persistent=persistent)
     assert np.array_equal(cupy.asnumpy(out).view(np.uint16), cupy.asnumpy(out2).view(np.uint16))
     assert np.array_equal(cupy.asnumpy(lse).view(np.uint32), cupy.asnumpy(lse2).view(np.uint32))
+
+
+@pytest.mark.gpu
+@sm90_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", LONG_TILES)
+@pytest.mark.parametrize("lq,lk", [(113, 203), (1, 239), (512, 256), (1023, 1024), (300, 1337)])
+@pytest.mark.parametrize("persistent", GRIDS)
+def test_long_key_tiles(persistent, lq, lk, d, causal, dtype):
+    """The wide key tiles that long key ranges run with (LONG_CONFIGS), forced on short shapes:
+    partial key tiles, rows that see nothing, GQA; identical bits on repeat."""
+    import cupy
+    config = _flash_sm90.LONG_CONFIGS[d]
+    qn, kn, vn = _inputs((2, HEADS_Q, lq, d), (2, 2, lk, d), dtype, seed=lq + 3 * lk + d)
+    q, k, v = cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn)
+    out, lse = _run(q, k, v, causal, persistent=persistent, config=config)
+    _check(qn, kn, vn, out, lse, causal)
+    out2, lse2 = _run(q, k, v, causal, persistent=persistent, config=config)
+    assert np.array_equal(cupy.asnumpy(out).view(np.uint16), cupy.asnumpy(out2).view(np.uint16))
+    assert np.array_equal(cupy.asnumpy(lse).view(np.uint32), cupy.asnumpy(lse2).view(np.uint32))
+
+
+@pytest.mark.gpu
+@sm90_only
+@pytest.mark.parametrize("d", LONG_TILES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_long_keys_dispatch(d, causal):
+    """Lk past LONG_KEYS through the default choice (which picks the wide tiles)."""
+    import cupy
+    lk = _flash_sm90.LONG_KEYS + 77
+    qn, kn, vn = _inputs((1, 2, 200, d), (1, 1, lk, d), BFLOAT16, seed=d + lk)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal)
+    _check(qn, kn, vn, out, lse, causal)
 
 
 @pytest.mark.gpu
@@ -211,10 +248,17 @@ def test_kernel_specs_cpu():
     specs = _flash_sm90.kernel_specs()
     assert len(specs) == len(set(specs))
     assert all(s.hopper_only and s.source == "flash_fwd_sm90.cu" for s in specs)
-    assert len(specs) == 2 * len(_flash_sm90.HEAD_DIMS)
-    assert all(_flash_sm90.smem_bytes(d) <= 227 * 1024 for d in _flash_sm90.HEAD_DIMS)
+    n_configs = sum(len(_flash_sm90.configs(d)) for d in _flash_sm90.HEAD_DIMS)
+    assert len(specs) == 2 * n_configs
+    assert all(_flash_sm90.smem_bytes(d, c) <= 227 * 1024 for d in _flash_sm90.HEAD_DIMS for c in _flash_sm90.configs(d))
     assert set(_flash_sm90.HEAD_DIMS) >= {64, 128, 256}
     assert _flash_sm90.kernel_name(BFLOAT16, 128) == "flash_fwd_sm90_kernel<__nv_bfloat16, 128, 128, 2>"
+    # long key ranges take the wider tiles, short ones the default
+    for d in _flash_sm90.HEAD_DIMS:
+        assert _flash_sm90.tile_config(d, 1024) == _flash_sm90.CONFIGS[d]
+        long_cfg = _flash_sm90.tile_config(d, _flash_sm90.LONG_KEYS)
+        assert long_cfg == _flash_sm90.LONG_CONFIGS.get(d, _flash_sm90.CONFIGS[d])
+        assert _flash_sm90.spec_for(BFLOAT16, d, long_cfg) in specs
 
 
 def test_compiles_clean_cpu():
@@ -225,8 +269,8 @@ def test_compiles_clean_cpu():
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"NVRTC unavailable: {exc}")
     from cupyattn._kernels import compile_offline
-    for d in (256, 64):
-        rep = compile_offline(_flash_sm90.spec_for(BFLOAT16, d), "sm_90a")
+    for d, config in ((256, None), (64, _flash_sm90.tile_config(64, _flash_sm90.LONG_KEYS))):
+        rep = compile_offline(_flash_sm90.spec_for(BFLOAT16, d, config), "sm_90a")
         assert rep.ok and not rep.spills, rep.line() + rep.log[-2000:]
         assert "C7508" not in rep.log and "ignored" not in rep.log, rep.log
         assert "serializ" not in rep.log, rep.log

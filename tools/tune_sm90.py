@@ -79,6 +79,8 @@ def apply_variant(variant):
     from cupyattn import _flash_sm90
     persistent, override = parse_variant(variant)
     _flash_sm90.CONFIGS.update(override)
+    for d in override:     # the variant's tiles at every length
+        _flash_sm90.LONG_CONFIGS.pop(d, None)
     return persistent, (tuple(override) or HEAD_DIMS)
 
 
@@ -98,8 +100,8 @@ def step_compile(variants):
         for name, ok, line in pool.map(_compile_one, specs):
             status[name] = ok
             print(("COMPILE ok  " if ok else "COMPILE BAD ") + line, flush=True)
-    smem = [_flash_sm90.smem_bytes(d) for d in _flash_sm90.HEAD_DIMS]
-    print(f"CONFIGS {_flash_sm90.CONFIGS} smem={smem}", flush=True)
+    smem = [_flash_sm90.smem_bytes(d, c) for d in _flash_sm90.HEAD_DIMS for c in _flash_sm90.configs(d)]
+    print(f"CONFIGS {_flash_sm90.CONFIGS} LONG_CONFIGS {_flash_sm90.LONG_CONFIGS} smem={smem}", flush=True)
     # the grids run the same instantiations: one bad default compile rules them all out
     bad = []
     for v in variants:
