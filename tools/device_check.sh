@@ -23,7 +23,7 @@ done
 
 if [ -n "${SKIP_BENCH:-}" ]; then echo "total $((SECONDS - start)) s"; exit 0; fi
 echo "== bench headline ($((SECONDS - start)) s so far)"
-timeout 150 python3 bench/attention.py --group headline,decode --budget 0.2 --no-progress --no-plots \
+timeout "${BENCH_SECONDS:-150}" python3 bench/attention.py --group headline,decode --budget 0.2 --no-progress --no-plots \
   --backend flash,chunked,torch-flash,torch-efficient,torch-cudnn --out "$out/headline.json" > "$out/bench.log" 2>&1
 echo "bench rc=$?"; sed -n '/^Summary/,/^wrote/p' "$out/bench.log" | cut -c1-140
 echo "total $((SECONDS - start)) s"
