@@ -1,5 +1,6 @@
 """Flash backward: tiled CUDA kernels recomputing the probabilities from the forward's lse
-(kernels_cu/flash_bwd.cu). Wired into FlashBackend by `backward_reasons` and `flash_backward`.
+(kernels_cu/flash_bwd.cu; on sm_90 the main kernel of kernels_cu/flash_bwd_sm90.cu where it applies, see
+_flash_bwd_sm90.py). Wired into FlashBackend by `backward_reasons` and `flash_backward`.
 
 Three kernels per call: a pre-pass (delta = rowsum(dO * O) and lse in the log2 domain), the main
 kernel over key tiles (dK, dV in registers, GQA groups summed inside the block, dQ by fp32
@@ -22,6 +23,7 @@ from typing import List, Tuple
 
 import numpy as np
 
+from . import _flash_bwd_sm90
 from ._kernels import KernelSpec
 from ._layout import collapse_batch as _collapse_batch, device_props as _device_props, elem_strides as _elem_strides
 from ._layout import flash_input_reasons
@@ -173,7 +175,7 @@ def _plans(width: int):
 def kernel_specs() -> List[KernelSpec]:
     """Every instantiation flash_backward can request (the prep kernel, and per dtype, width and
     mask the main kernel of every shared-memory plan and the deterministic dQ kernel)."""
-    specs = []
+    specs = list(_flash_bwd_sm90.kernel_specs())
     for dtype in (FLOAT16, BFLOAT16):
         specs.append(prep_spec(dtype))
         for width in WIDTHS:
@@ -222,6 +224,11 @@ def backward_reasons(problem: Problem) -> List[str]:
 
 
 def backward_notes(problem: Problem) -> List[str]:
+    if not _flash_bwd_sm90.supports(problem):
+        rows = problem.batch_size * problem.num_heads_q * problem.len_q
+        return [f"backward kernel {_flash_bwd_sm90.kernel_name(problem.dtype, problem.head_dim)} (wgmma + TMA; "
+                f"deterministic=True runs the mma.sync kernels)",
+                f"{rows * (problem.head_dim + 2) * 4 / 2**20:.2f} MiB float32 dq/delta workspace"]
     width = padded_width(problem)
     try:
         smem = _device_props(problem.device_id)[2]
@@ -284,6 +291,9 @@ def flash_backward(problem: Problem, dout, out, lse, deterministic: bool = False
     prep = get_function(prep_spec(problem.dtype))
     prep((-(-rows // PREP_ROWS_PER_BLOCK),), (32 * PREP_ROWS_PER_BLOCK,),
          (ptr(dout), ptr(out), ptr(lse), ptr(delta), ptr(lse2), i64(rows), i32(dv_dim)))
+    if not _flash_bwd_sm90.supports(problem, deterministic):
+        _flash_bwd_sm90.run_main(problem, dout, lse2, delta, dq, dk, dv)
+        return dq, dk, dv
 
     width = padded_width(problem)
     smem_limit = _device_props(problem.device_id)[2]

@@ -266,6 +266,44 @@ def encode_tensor_map(address: int, dtype, dims, strides_bytes, box) -> np.ndarr
 # Batch axes: collapse what the three inputs allow (_layout.collapse_batch), then split into
 # (looped, B0, B1)
 
+def batch_split(problem: Problem, arrays):
+    """How the batch axes of `arrays` (each batch_shape + (H, L, D)) are launched: the leading
+    axes looped over on the host and two kept in every tensor map, as
+    (looped [(size, byte strides)], (nb0, byte strides), (nb1, byte strides))."""
+    nbatch = len(problem.batch_shape)
+    axes = _collapse_batch(problem.batch_shape, [a.strides[:nbatch] for a in arrays])
+    looped, kept = axes[:-2], list(axes[-2:])   # more than two batch axes: loop over the leading ones
+    while len(kept) < 2:
+        kept.insert(0, (1, (0,) * len(arrays)))
+    return looped, kept[0], kept[1]
+
+
+def launch_maps(arrays, shapes, idx, split, dtype, head_dim: int):
+    """The tensor maps of one launch and their broadcast bits.
+
+    arrays[t] is read as (D, L, H, B1, B0) with shapes[t] = (heads, length, box rows); idx is the
+    launch's index over the looped batch axes of `split` (batch_split). Bits 3t..3t+2 of the
+    returned mask say that array t's H, B1, B0 axis is broadcast (extent 1 in the map)."""
+    looped, (nb0, st0), (nb1, st1) = split
+    placeholder = head_dim * dtype.itemsize   # stride for dims of extent 1 (any multiple of 16 works)
+    maps, bcast = [], 0
+    for t, (a, (heads, length, box_rows)) in enumerate(zip(arrays, shapes)):
+        offset = sum(i * st[t] for i, (_, st) in zip(idx, looped))
+        l_ext, l_st, _ = _dim_entry(length, a.strides[-2], placeholder)
+        h_ext, h_st, h_b = _dim_entry(heads, a.strides[-3], placeholder)
+        b1_ext, b1_st, b1_b = _dim_entry(nb1, st1[t], placeholder)
+        b0_ext, b0_st, b0_b = _dim_entry(nb0, st0[t], placeholder)
+        bcast |= (h_b | (b1_b << 1) | (b0_b << 2)) << (3 * t)
+        maps.append(tensor_map(a.data.ptr + offset, dtype, (head_dim, l_ext, h_ext, b1_ext, b0_ext),
+                               (l_st, h_st, b1_st, b0_st), (64, box_rows, 1, 1, 1)))
+    return maps, bcast
+
+
+def launch_indices(split):
+    """(launch number, index over the looped batch axes) of every launch."""
+    return enumerate(itertools.product(*[range(n) for n, _ in split[0]]))
+
+
 def _dim_entry(extent, stride, placeholder):
     """(extent, stride, broadcast?) of one map dim: stride-0 axes become extent 1."""
     if extent <= 1:
@@ -304,12 +342,8 @@ def forward(problem: Problem, poison=None, persistent=None, checked=False, confi
         return out, lse
 
     q, k, v = problem.q, problem.k, problem.v
-    nbatch = len(problem.batch_shape)
-    axes = _collapse_batch(problem.batch_shape, [q.strides[:nbatch], k.strides[:nbatch], v.strides[:nbatch]])
-    looped, kept = axes[:-2], list(axes[-2:])   # more than two batch axes: loop over the leading ones
-    while len(kept) < 2:
-        kept.insert(0, (1, (0, 0, 0)))
-    (nb0, st0), (nb1, st1) = kept
+    split = batch_split(problem, (q, k, v))
+    (nb0, _), (nb1, _) = split[1], split[2]
 
     config = tuple(config) if config is not None else tile_config(D, Lk)
     bn, stages = config
@@ -325,27 +359,15 @@ def forward(problem: Problem, poison=None, persistent=None, checked=False, confi
     swz_bh = _swizzle_width(device_id, Lk, D, group, num_bh)
     scale_log2 = np.float32(problem.scale * math.log2(math.e))
     item = dtype.itemsize
-    placeholder = D * item   # stride for dims of extent 1 (any multiple of 16 works)
 
-    outer_sizes = [n for n, _ in looped]
     # out and lse are contiguous (B, Hq, Lq, D) / (B, Hq, Lq): each launch writes the next
     # per_launch batch entries, addressed by pointer (no per-launch views)
     per_launch = nb0 * nb1
     out_step = per_launch * Hq * Lq * D * item
     lse_step = per_launch * Hq * Lq * 4
-    for launch, idx in enumerate(itertools.product(*[range(n) for n in outer_sizes])):
-        maps = []
-        bcast = 0
-        for t, (a, heads, length, box_rows) in enumerate(((q, Hq, Lq, 64), (k, Hkv, Lk, bn), (v, Hkv, Lk, bn))):
-            offset = sum(i * st[t] for i, (_, st) in zip(idx, looped))
-            l_ext, l_st, _ = _dim_entry(length, a.strides[-2], placeholder)
-            h_ext, h_st, h_b = _dim_entry(heads, a.strides[-3], placeholder)
-            b1_ext, b1_st, b1_b = _dim_entry(nb1, st1[t], placeholder)
-            b0_ext, b0_st, b0_b = _dim_entry(nb0, st0[t], placeholder)
-            bcast |= (h_b | (b1_b << 1) | (b0_b << 2)) << (3 * t)
-            maps.append(tensor_map(
-                a.data.ptr + offset, dtype, (D, l_ext, h_ext, b1_ext, b0_ext),
-                (l_st, h_st, b1_st, b0_st), (64, box_rows, 1, 1, 1)))
+    shapes = ((Hq, Lq, 64), (Hkv, Lk, bn), (Hkv, Lk, bn))
+    for launch, idx in launch_indices(split):
+        maps, bcast = launch_maps((q, k, v), shapes, idx, split, dtype, D)
         o = np.uint64(out.data.ptr + launch * out_step)
         s = np.uint64(lse.data.ptr + launch * lse_step)
         fn((grid,), (THREADS,),

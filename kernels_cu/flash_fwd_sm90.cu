@@ -176,16 +176,6 @@ __device__ __forceinline__ void rescale_if_needed(float (&o)[D / 2], float corr_
     if (__any_sync(0xffffffffu, (corr_lo != 1.f) | (corr_hi != 1.f))) rescale<D>(o, corr_lo, corr_hi);
 }
 
-// A position in the K/V ring: stage index and the parity of its current fill.
-struct RingPos {
-    int stage = 0;
-    unsigned phase = 0;
-    template <int STAGES>
-    __device__ __forceinline__ void advance() {
-        if (++stage == STAGES) { stage = 0; phase ^= 1u; }
-    }
-};
-
 struct TileInfo {
     int m_block, bh, h, b1, b0, hk, row0, n_tiles;
 };

@@ -85,6 +85,7 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 }
 
 template <typename T, int N> struct Wgmma;
+template <typename T, int N> struct WgmmaT;
 
 // ---- wgmma.mma_async m64nNk16 wrappers (wgmma_ops.cuh, once per input type) ----------------------
 // Accumulator fragment (PTX ISA, wgmma D for m64nNk16): warp w of the warpgroup owns rows
@@ -127,5 +128,15 @@ __device__ __forceinline__ void to_a_frags(const float (&sc)[BN / 2], unsigned (
         pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
     }
 }
+
+// A position in a shared-memory ring: stage index and the parity of its current fill.
+struct RingPos {
+    int stage = 0;
+    unsigned phase = 0;
+    template <int STAGES>
+    __device__ __forceinline__ void advance() {
+        if (++stage == STAGES) { stage = 0; phase ^= 1u; }
+    }
+};
 
 }  // namespace sm90

@@ -1,6 +1,7 @@
 """Flash backward kernels (cupyattn/_flash_bwd.py) against the float64 reference.
 
-Every test calls `_flash_bwd.flash_backward` directly, so no fallback backend can pass for it.
+Every test calls `_flash_bwd.flash_backward` directly, so no fallback backend can pass for it,
+with the mma.sync kernels (the Hopper main kernel is switched off here and tested on its own).
 The rule: each of dq, dk, dv within 3x the eager backend's error in the same dtype plus
 tolerance(dtype), errors measured relative to the size of the summed terms.
 """
@@ -19,11 +20,15 @@ DIMS = [32, 59, 64, 96, 128, 256]
 
 
 @pytest.fixture(autouse=True)
-def poison():
-    from cupyattn import _flash_bwd
+def poison_and_mma_sync():
+    """Poisoned outputs, and the mma.sync kernels even on sm_90 (the Hopper main kernel has its
+    own tests, tests/test_flash_bwd_sm90.py)."""
+    from cupyattn import _flash_bwd, _flash_bwd_sm90
     _flash_bwd.POISON_OUTPUTS = True
+    _flash_bwd_sm90.HOPPER_BACKWARD = False
     yield
     _flash_bwd.POISON_OUTPUTS = False
+    _flash_bwd_sm90.HOPPER_BACKWARD = True
 
 
 def _forward(inputs, case):

@@ -1,0 +1,323 @@
+// Flash attention backward for Hopper (sm_90a): TMA + mbarrier ring + wgmma, warp-specialised.
+// Recomputes P tile by tile from the forward's lse (as flash_bwd.cu does) but on the wgmma
+// tensor-core path; the prep kernel of flash_bwd.cu provides delta = rowsum(dO * O) and
+// lse2 = lse * log2(e) (+inf where a row sees no key).
+//
+// One block (384 threads) owns BN = 128 keys of one (batch, kv head) and loops over the query
+// heads of its group and over 64-row query tiles (causal: from the first tile that sees a key):
+//   warpgroup 0   producer: after setmaxnreg.dec, warp 0 loads K and V once, then Q and dO of
+//                 every query tile by TMA into a STAGES-deep ring; warp 1 copies that tile's
+//                 lse2 and delta (64 floats each; +inf / 0 past Lq) into the same ring stage.
+//   warpgroups 1,2 consumers: warpgroup w owns keys 64w..64w+63 of the block. Per query tile:
+//                 S^T  = K_w Q^T          wgmma, A = K_w, B = Q   (shared memory, K-major)
+//                 dP^T = V_w dO^T         wgmma, A = V_w, B = dO  (shared memory, K-major)
+//                 P^T  = exp2(S^T * scale*log2(e) - lse2),  dS^T = P^T o (dP^T - delta)
+//                 dV_w += P^T dO          wgmma, A = P^T from registers, B = dO (MN-major)
+//                 dK_w += dS^T Q          wgmma, A = dS^T from registers, B = Q (MN-major)
+//                 dS^T -> shared memory (both warpgroups' halves: 128 keys x 64 queries)
+//                 dQ[:, 64w..64w+63] = dS K[:, 64w..]   wgmma, A = dS, B = K (both MN-major)
+//                 dQ += scale * that, with fp32 vector atomics (red.global.add.v2.f32)
+//   dK (times scale) and dV stay in registers over the whole loop (GQA: summed over the group's
+//   query heads without atomics) and are written once, in float32.
+// The dS^T tile is double-buffered by tile parity: a warpgroup writes tile i's half only after its
+// own dQ product of tile i-1 finished, and the other warpgroup's product of tile i-2 (same buffer)
+// finished before that warpgroup reached the barrier of tile i-1.
+//
+// Shared-memory tiles use the TMA 128B-swizzle layout (see flash_fwd_sm90.cu); the dS^T tile is
+// written by the consumers in the same layout: row = key (128 bytes = 64 queries), 16-byte unit
+// u of row r stored at unit u ^ (r % 8).
+//
+// Template parameters: T (__half / __nv_bfloat16), D (head dim = Dv; 128), STAGES (Q/dO ring).
+// Tensor maps are 5-D (D, L, H, B1, B0) as in the forward; `bcast` bits 0-2: q's H, B1, B0
+// broadcast, 3-5: k's, 6-8: v's (dO is contiguous). lse2, delta and dq are contiguous
+// (B0, B1, Hq, Lq[, D]); dk, dv contiguous (B0, B1, Hkv, Lk, D), float32.
+#include "hopper.cuh"
+
+namespace sm90_bwd {
+
+using namespace sm90;
+using cupyattn::pack2;
+using cupyattn::smem_u32;
+
+constexpr int kBlockN = 128;          // keys per block (2 consumer warpgroups x 64)
+constexpr int kBlockM = 64;           // query rows per tile
+constexpr int kThreads = 384;
+constexpr int kProducerRegs = 24;
+constexpr int kConsumerRegs = 240;    // 24*128 + 240*256 = 64512 = 168*384 (the entry budget)
+
+template <int D, int STAGES>
+struct Plan {
+    static constexpr unsigned kChunks = D / 64;
+    static constexpr unsigned kKV = unsigned(kBlockN) * D * 2;   // K (or V): 128 keys
+    static constexpr unsigned kQ = unsigned(kBlockM) * D * 2;    // one Q (or dO) tile
+    static constexpr unsigned kDS = unsigned(kBlockN) * kBlockM * 2;   // one dS^T tile
+    static constexpr unsigned kOffV = kKV;
+    static constexpr unsigned kOffQ = 2 * kKV;
+    static constexpr unsigned kOffDO = kOffQ + STAGES * kQ;
+    static constexpr unsigned kOffDS = kOffDO + STAGES * kQ;
+    static constexpr unsigned kOffRow = kOffDS + 2 * kDS;           // lse2[64], delta[64] per stage
+    static constexpr unsigned kOffBar = kOffRow + STAGES * 2 * kBlockM * 4;
+    static constexpr unsigned kBars = 1 + 2 * STAGES;                // K/V full; Q/dO full, empty
+    static constexpr unsigned kBytes = kOffBar + 8 * kBars + 1024;   // + slack for aligning the base
+};
+
+__device__ __forceinline__ void fence_proxy_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void red_add_v2(float* addr, float a, float b) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n"
+                 :: "l"(addr), "f"(a), "f"(b) : "memory");
+}
+
+}  // namespace sm90_bwd
+
+template <typename T, int D, int STAGES>
+__global__ void __launch_bounds__(sm90_bwd::kThreads, 1)
+flash_bwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_constant__ sm90::TmaMap tm_k,
+                      const __grid_constant__ sm90::TmaMap tm_v, const __grid_constant__ sm90::TmaMap tm_do,
+                      const float* __restrict__ lse2, const float* __restrict__ delta,
+                      float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
+                      int Lq, int Lk, int Hq, int Hkv, int group, int nb1, int num_kv_bh, int causal,
+                      int bcast, float scale_log2, float scale) {
+    using namespace sm90_bwd;
+    static_assert(D == 128, "the dQ product splits the head dim into one 64-column chunk per warpgroup");
+    using P = Plan<D, STAGES>;
+    static_assert(P::kBytes <= 227 * 1024, "shared memory");
+
+    extern __shared__ unsigned char smem_raw[];
+    const unsigned base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+    unsigned char* const base_ptr = smem_raw + (base - smem_u32(smem_raw));
+    const unsigned sK = base, sV = base + P::kOffV, sQ = base + P::kOffQ, sDO = base + P::kOffDO;
+    const unsigned sDS = base + P::kOffDS;
+    float* const row_vals = reinterpret_cast<float*>(base_ptr + P::kOffRow);   // [stage][lse2 64 | delta 64]
+    const unsigned bars = base + P::kOffBar;
+    const unsigned bar_kv = bars;
+    auto bar_full = [&](int s) { return bars + 8u * (1 + s); };
+    auto bar_empty = [&](int s) { return bars + 8u * (1 + STAGES + s); };
+
+    // ---- this block's keys and the query tiles that can see them ------------------------------
+    const int n_block = blockIdx.x / num_kv_bh;           // key block major: causal's heavy blocks first
+    const int kv_bh = blockIdx.x - n_block * num_kv_bh;
+    const int hk = kv_bh % Hkv;
+    const int bb = kv_bh / Hkv;
+    const int b1 = bb % nb1, b0 = bb / nb1;
+    const int k0 = n_block * kBlockN;
+    const int diag = Lk - Lq;                             // key j visible to query i iff j - i <= diag
+    int qt_start = 0;
+    if (causal) {
+        const long long q_min = static_cast<long long>(k0) - diag;   // first query that sees key k0
+        qt_start = q_min <= 0 ? 0 : static_cast<int>(min(q_min, static_cast<long long>(Lq)) / kBlockM);
+    }
+    const int n_qt = (Lq + kBlockM - 1) / kBlockM;
+    const int per_head = max(0, n_qt - qt_start);
+    const int n_items = per_head * group;
+
+    if (threadIdx.x == 0) {
+        mbar_init(bar_kv, 1);
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(bar_full(s), 2);          // warp 0's expect_tx arrival + warp 1's rows
+            mbar_init(bar_empty(s), 2 * 128);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (threadIdx.x < 128) {
+        // =========================== producer warpgroup ===========================================
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kProducerRegs));
+        const int pw = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        if (pw == 0 && lane == 0 && n_items > 0) {   // no tile: the block must not leave loads in flight
+            tma_prefetch_map(&tm_q);
+            tma_prefetch_map(&tm_do);
+            const int kh = (bcast & 8) ? 0 : hk, kb1 = (bcast & 16) ? 0 : b1, kb0 = (bcast & 32) ? 0 : b0;
+            const int vh = (bcast & 64) ? 0 : hk, vb1 = (bcast & 128) ? 0 : b1, vb0 = (bcast & 256) ? 0 : b0;
+            mbar_arrive_expect_tx(bar_kv, 2 * P::kKV);
+#pragma unroll
+            for (int c = 0; c < static_cast<int>(P::kChunks); ++c) {
+                tma_load_5d(sK + c * (kBlockN * 128u), &tm_k, bar_kv, c * 64, k0, kh, kb1, kb0);
+                tma_load_5d(sV + c * (kBlockN * 128u), &tm_v, bar_kv, c * 64, k0, vh, vb1, vb0);
+            }
+            RingPos pos;
+#pragma unroll 1
+            for (int it = 0; it < n_items; ++it) {
+                const int g = it / per_head;
+                const int q0 = (qt_start + it - g * per_head) * kBlockM;
+                const int h = hk * group + g;
+                const int qh = (bcast & 1) ? 0 : h, qb1 = (bcast & 2) ? 0 : b1, qb0 = (bcast & 4) ? 0 : b0;
+                const int s = pos.stage;
+                mbar_wait(bar_empty(s), pos.phase ^ 1u);
+                mbar_arrive_expect_tx(bar_full(s), 2 * P::kQ);
+#pragma unroll
+                for (int c = 0; c < static_cast<int>(P::kChunks); ++c) {
+                    tma_load_5d(sQ + s * P::kQ + c * (kBlockM * 128u), &tm_q, bar_full(s), c * 64, q0, qh, qb1, qb0);
+                    tma_load_5d(sDO + s * P::kQ + c * (kBlockM * 128u), &tm_do, bar_full(s), c * 64, q0, h, b1, b0);
+                }
+                pos.advance<STAGES>();
+            }
+        } else if (pw == 1) {
+            RingPos pos;
+#pragma unroll 1
+            for (int it = 0; it < n_items; ++it) {
+                const int g = it / per_head;
+                const int q0 = (qt_start + it - g * per_head) * kBlockM;
+                const long long rb = (static_cast<long long>(bb) * Hq + hk * group + g) * Lq;
+                const int s = pos.stage;
+                mbar_wait(bar_empty(s), pos.phase ^ 1u);
+                float* vals = row_vals + s * 2 * kBlockM;
+#pragma unroll
+                for (int i = lane; i < kBlockM; i += 32) {
+                    const int q = q0 + i;
+                    vals[i] = q < Lq ? lse2[rb + q] : INFINITY;            // P = 0 past Lq
+                    vals[kBlockM + i] = q < Lq ? delta[rb + q] : 0.f;
+                }
+                __syncwarp();
+                if (lane == 0) mbar_arrive(bar_full(s));
+                pos.advance<STAGES>();
+            }
+        }
+    } else {
+        // =========================== consumer warpgroups ==========================================
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kConsumerRegs));
+        const int ct = static_cast<int>(threadIdx.x) - 128;
+        const int w = ct >> 7;                  // which consumer warpgroup: keys 64w..64w+63
+        const int tw = ct & 127;
+        const int warp = tw >> 5, lane = tw & 31;
+        const int g8 = lane >> 2, t4 = lane & 3;
+        const int kw0 = k0 + w * 64;            // this warpgroup's first key
+        const int key_lo = kw0 + warp * 16 + g8, key_hi = key_lo + 8;
+        const unsigned sKw = sK + w * (64u * 128u), sVw = sV + w * (64u * 128u);
+
+        float dk_acc[D / 2], dv_acc[D / 2];
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) { dk_acc[i] = 0.f; dv_acc[i] = 0.f; }
+
+        if (n_items > 0) mbar_wait(bar_kv, 0);
+        RingPos pos;
+#pragma unroll 1
+        for (int it = 0; it < n_items; ++it) {
+            const int g = it / per_head;
+            const int q0 = (qt_start + it - g * per_head) * kBlockM;
+            const int h = hk * group + g;
+            const int s = pos.stage;
+            const unsigned sQs = sQ + s * P::kQ, sDOs = sDO + s * P::kQ;
+            const unsigned sDSb = sDS + (it & 1) * P::kDS;
+            mbar_wait(bar_full(s), pos.phase);
+
+            // ---- S^T = K_w Q^T and dP^T = V_w dO^T (64 keys x 64 queries each) -------------------
+            float st[32], dpt[32];
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const unsigned off_a = (kk / 4) * (kBlockN * 128u) + (kk % 4) * 32u;
+                const unsigned off_b = (kk / 4) * (kBlockM * 128u) + (kk % 4) * 32u;
+                Wgmma<T, 64>::ss(st, make_desc(sKw + off_a, 16u, 1024u), make_desc(sQs + off_b, 16u, 1024u), kk > 0 ? 1 : 0);
+            }
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const unsigned off_a = (kk / 4) * (kBlockN * 128u) + (kk % 4) * 32u;
+                const unsigned off_b = (kk / 4) * (kBlockM * 128u) + (kk % 4) * 32u;
+                Wgmma<T, 64>::ss(dpt, make_desc(sVw + off_a, 16u, 1024u), make_desc(sDOs + off_b, 16u, 1024u), kk > 0 ? 1 : 0);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(st);
+            fence_regs(dpt);
+
+            // ---- P^T and dS^T in registers (columns are queries) ---------------------------------
+            const float* vals = row_vals + s * 2 * kBlockM;
+            const int last_key = kw0 + 63;
+            const bool need_mask = last_key >= Lk || (causal && last_key - q0 > diag);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int col = 8 * j + 2 * t4 + (e & 1);
+                    float p = cupyattn::fast_exp2(fmaf(st[4 * j + e], scale_log2, -vals[col]));
+                    if (need_mask) {
+                        const int key = e < 2 ? key_lo : key_hi;
+                        if (key >= Lk || (causal && key - (q0 + col) > diag)) p = 0.f;
+                    }
+                    st[4 * j + e] = p;
+                    dpt[4 * j + e] = p * (dpt[4 * j + e] - vals[kBlockM + col]);
+                }
+            }
+            unsigned pa[4][4], pds[4][4];
+            to_a_frags<T, 64>(st, pa);
+            to_a_frags<T, 64>(dpt, pds);
+
+            // dS^T rows key_lo / key_hi of this warpgroup's half, 128B-swizzled (unit j ^ row % 8);
+            // pds[kk] holds (row lo, unit 2kk), (hi, 2kk), (lo, 2kk+1), (hi, 2kk+1) at byte 4*t4
+            {
+                const unsigned r_lo = static_cast<unsigned>(w * 64 + warp * 16 + g8), r_hi = r_lo + 8;
+                const unsigned row_lo = sDSb + r_lo * 128u + 4u * t4, row_hi = sDSb + r_hi * 128u + 4u * t4;
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk) {
+                    const unsigned u0 = 2u * kk, u1 = 2u * kk + 1u;
+                    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(row_lo + ((u0 ^ (r_lo & 7u)) << 4)), "r"(pds[kk][0]) : "memory");
+                    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(row_hi + ((u0 ^ (r_hi & 7u)) << 4)), "r"(pds[kk][1]) : "memory");
+                    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(row_lo + ((u1 ^ (r_lo & 7u)) << 4)), "r"(pds[kk][2]) : "memory");
+                    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(row_hi + ((u1 ^ (r_hi & 7u)) << 4)), "r"(pds[kk][3]) : "memory");
+                }
+            }
+            fence_proxy_async_smem();           // the generic-proxy stores, visible to wgmma
+
+            // ---- dV += P^T dO, dK += dS^T Q (64 keys x D) -----------------------------------------
+            fence_regs(dv_acc);
+            fence_regs(dk_acc);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < kBlockM / 16; ++kk)
+                Wgmma<T, D>::rs(dv_acc, pa[kk], make_desc(sDOs + kk * 2048u, kBlockM * 128u, 1024u), 1);
+#pragma unroll
+            for (int kk = 0; kk < kBlockM / 16; ++kk)
+                Wgmma<T, D>::rs(dk_acc, pds[kk], make_desc(sQs + kk * 2048u, kBlockM * 128u, 1024u), 1);
+            wgmma_commit();
+
+            // ---- dQ[:, 64w..] = dS K[:, 64w..]: both halves of dS^T must be in shared memory ------
+            named_bar_sync(1, 256);
+            float dq_acc[32];
+#pragma unroll
+            for (int kk = 0; kk < kBlockN / 16; ++kk)
+                WgmmaT<T, 64>::ss(dq_acc, make_desc(sDSb + kk * 2048u, kBlockM * 128u, 1024u),
+                                  make_desc(sK + w * (kBlockN * 128u) + kk * 2048u, kBlockN * 128u, 1024u),
+                                  kk > 0 ? 1 : 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(dq_acc);
+            fence_regs(dv_acc);
+            fence_regs(dk_acc);
+            mbar_arrive(bar_empty(s));          // Q, dO and the row values of this stage are free
+
+            const long long rb = (static_cast<long long>(bb) * Hq + h) * Lq;
+            const int q_lo = q0 + warp * 16 + g8, q_hi = q_lo + 8;
+            float* dq_lo = dq + (rb + q_lo) * D + w * 64 + 2 * t4;
+            float* dq_hi = dq + (rb + q_hi) * D + w * 64 + 2 * t4;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                if (q_lo < Lq) red_add_v2(dq_lo + 8 * j, scale * dq_acc[4 * j + 0], scale * dq_acc[4 * j + 1]);
+                if (q_hi < Lq) red_add_v2(dq_hi + 8 * j, scale * dq_acc[4 * j + 2], scale * dq_acc[4 * j + 3]);
+            }
+            pos.advance<STAGES>();
+        }
+
+        // ---- dK (times scale) and dV, float32, straight from registers ----------------------------
+        const long long kb = static_cast<long long>(kv_bh) * Lk;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int key = half ? key_hi : key_lo;
+            if (key < Lk) {
+                float* dk_row = dk + (kb + key) * D + 2 * t4;
+                float* dv_row = dv + (kb + key) * D + 2 * t4;
+#pragma unroll
+                for (int j = 0; j < D / 8; ++j) {
+                    *reinterpret_cast<float2*>(dk_row + 8 * j) =
+                        make_float2(scale * dk_acc[4 * j + 2 * half], scale * dk_acc[4 * j + 2 * half + 1]);
+                    *reinterpret_cast<float2*>(dv_row + 8 * j) =
+                        make_float2(dv_acc[4 * j + 2 * half], dv_acc[4 * j + 2 * half + 1]);
+                }
+            }
+        }
+    }
+}
