@@ -268,14 +268,20 @@ def flash_backward(problem: Problem, dout, out, lse, deterministic: bool = False
 
     batch = problem.batch_size
     rows = batch * hq * lq
-    delta = xp.empty(rows, dtype=np.float32)
-    lse2 = xp.empty(rows, dtype=np.float32)
+    hopper = not _flash_bwd_sm90.supports(problem, deterministic)
+    # the Hopper kernel copies whole 64-row tiles of delta / lse2: rows padded, pads P-neutral
+    pitch = _flash_bwd_sm90.row_pitch(lq) if hopper else lq
+    delta = xp.empty(batch * hq * pitch, dtype=np.float32)
+    lse2 = xp.empty(batch * hq * pitch, dtype=np.float32)
+    if pitch != lq:
+        delta.fill(0)
+        lse2.fill(np.inf)
     dk = xp.empty(problem.batch_shape + (hkv, lk, d), dtype=np.float32)
     dv = xp.empty(problem.batch_shape + (hkv, lk, dv_dim), dtype=np.float32)
     dq_shape = problem.batch_shape + (hq, lq, d)
     dq = xp.empty(dq_shape, dtype=np.float32) if deterministic else xp.zeros(dq_shape, dtype=np.float32)
     if POISON_OUTPUTS:
-        for a in (delta, lse2, dk, dv) + ((dq,) if deterministic else ()):
+        for a in ((dk, dv) if pitch != lq else (delta, lse2, dk, dv)) + ((dq,) if deterministic else ()):
             a.fill(np.nan)
     if rows == 0 or lk == 0 or batch * hkv == 0:   # nothing to compute (the API handles these first)
         dk.fill(0)
@@ -290,8 +296,8 @@ def flash_backward(problem: Problem, dout, out, lse, deterministic: bool = False
 
     prep = get_function(prep_spec(problem.dtype))
     prep((-(-rows // PREP_ROWS_PER_BLOCK),), (32 * PREP_ROWS_PER_BLOCK,),
-         (ptr(dout), ptr(out), ptr(lse), ptr(delta), ptr(lse2), i64(rows), i32(dv_dim)))
-    if not _flash_bwd_sm90.supports(problem, deterministic):
+         (ptr(dout), ptr(out), ptr(lse), ptr(delta), ptr(lse2), i64(rows), i32(dv_dim), i32(lq), i32(pitch)))
+    if hopper:
         _flash_bwd_sm90.run_main(problem, dout, lse2, delta, dq, dk, dv)
         return dq, dk, dv
 

@@ -47,6 +47,13 @@ def kernel_specs() -> List[KernelSpec]:
     return [spec_for(dt, d) for dt in (FLOAT16, BFLOAT16) for d in HEAD_DIMS]
 
 
+def row_pitch(len_q: int) -> int:
+    """Entries per (batch, head) row of the lse2 / delta vectors this kernel reads: whole 64-row
+    tiles (its bulk copies move 256 bytes, 16-byte aligned), the pads set to lse2 = +inf and
+    delta = 0 so that padded queries get P = 0."""
+    return -(-len_q // BLOCK_M) * BLOCK_M
+
+
 def smem_bytes(head_dim: int) -> int:
     """Dynamic shared memory of one block; mirrors sm90_bwd::Plan in the kernel source."""
     kv = BLOCK_N * head_dim * 2
@@ -93,7 +100,7 @@ def supports(problem: Problem, deterministic: bool = False) -> List[str]:
 def run_main(problem: Problem, dout, lse2, delta, dq, dk, dv) -> None:
     """The main kernel over every launch: dq += dS K * scale (atomics; dq must start at zero),
     dk = dS^T Q * scale, dv = P^T dO. dout contiguous batch_shape + (Hq, Lq, D) in the input
-    dtype; lse2, delta contiguous float32 rows (batch, Hq, Lq); dq, dk, dv contiguous float32."""
+    dtype; lse2, delta float32 (batch, Hq, row_pitch(Lq)); dq, dk, dv contiguous float32."""
     import cupy
     D, Lq, Lk = problem.head_dim, problem.len_q, problem.len_k
     Hq, Hkv = problem.num_heads_q, problem.num_heads_kv
@@ -102,13 +109,14 @@ def run_main(problem: Problem, dout, lse2, delta, dq, dk, dv) -> None:
     split = _flash_sm90.batch_split(problem, (q, k, v, dout))
     (nb0, _), (nb1, _) = split[1], split[2]
     per_launch = nb0 * nb1
-    num_kv_bh = per_launch * Hkv
-    grid = -(-Lk // BLOCK_N) * num_kv_bh
+    num_n_blocks = -(-Lk // BLOCK_N)
+    grid = num_n_blocks * per_launch * Hkv
     fn = get_function(spec_for(dtype, D), cupy.cuda.Device(problem.device_id))
     nbytes = smem_bytes(D)
     set_dynamic_shared_memory(fn, nbytes)
     scale = float(problem.scale)
     scale_log2 = np.float32(scale * math.log2(math.e))
+    pitch = row_pitch(Lq)
     q_rows, kv_rows = per_launch * Hq * Lq, per_launch * Hkv * Lk
     shapes = ((Hq, Lq, BLOCK_M), (Hkv, Lk, BLOCK_N), (Hkv, Lk, BLOCK_N), (Hq, Lq, BLOCK_M))
     for launch, idx in _flash_sm90.launch_indices(split):
@@ -116,10 +124,11 @@ def run_main(problem: Problem, dout, lse2, delta, dq, dk, dv) -> None:
         qo, ko = launch * q_rows, launch * kv_rows
         fn((grid,), (THREADS,),
            (maps[0], maps[1], maps[2], maps[3],
-            np.uint64(lse2.data.ptr + 4 * qo), np.uint64(delta.data.ptr + 4 * qo),
+            np.uint64(lse2.data.ptr + 4 * per_launch * Hq * pitch * launch),
+            np.uint64(delta.data.ptr + 4 * per_launch * Hq * pitch * launch),
             np.uint64(dq.data.ptr + 4 * qo * D), np.uint64(dk.data.ptr + 4 * ko * D),
             np.uint64(dv.data.ptr + 4 * ko * D),
             np.int32(Lq), np.int32(Lk), np.int32(Hq), np.int32(Hkv), np.int32(problem.group_size),
-            np.int32(nb1), np.int32(num_kv_bh), np.int32(problem.causal), np.int32(bcast & 0x1FF),
+            np.int32(nb1), np.int32(num_n_blocks), np.int32(problem.causal), np.int32(bcast & 0x1FF),
             scale_log2, np.float32(scale)),
            shared_mem=nbytes)

@@ -77,7 +77,10 @@ template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(unsigned u)
 template <typename T>
 __global__ void __launch_bounds__(256)
 flash_bwd_prep_kernel(const T* __restrict__ dout, const T* __restrict__ out, const float* __restrict__ lse,
-                      float* __restrict__ delta, float* __restrict__ lse2, long long rows, int Dv) {
+                      float* __restrict__ delta, float* __restrict__ lse2, long long rows, int Dv,
+                      int Lq, int pitch) {
+    // delta / lse2 rows of Lq entries start every `pitch` entries (pitch = Lq: contiguous; the
+    // Hopper main kernel wants whole 64-row tiles, 16-byte aligned, for its bulk copies)
     const long long row = static_cast<long long>(blockIdx.x) * 8 + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
@@ -88,9 +91,10 @@ flash_bwd_prep_kernel(const T* __restrict__ dout, const T* __restrict__ out, con
 #pragma unroll
     for (int m = 16; m >= 1; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
     if (lane == 0) {
-        delta[row] = acc;
+        const long long at = (row / Lq) * pitch + row % Lq;
+        delta[at] = acc;
         const float l = lse[row];
-        lse2[row] = l == -INFINITY ? INFINITY : l * kLog2e;
+        lse2[at] = l == -INFINITY ? INFINITY : l * kLog2e;
     }
 }
 

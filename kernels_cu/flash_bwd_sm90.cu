@@ -5,9 +5,9 @@
 //
 // One block (384 threads) owns BN = 128 keys of one (batch, kv head) and loops over the query
 // heads of its group and over 64-row query tiles (causal: from the first tile that sees a key):
-//   warpgroup 0   producer: after setmaxnreg.dec, warp 0 loads K and V once, then Q and dO of
-//                 every query tile by TMA into a STAGES-deep ring; warp 1 copies that tile's
-//                 lse2 and delta (64 floats each; +inf / 0 past Lq) into the same ring stage.
+//   warpgroup 0   producer: after setmaxnreg.dec, one thread loads K and V once, then per query
+//                 tile Q and dO (TMA) and that tile's lse2 and delta (64 floats each, bulk copies;
+//                 the host pads those rows to whole tiles with +inf / 0) into a STAGES-deep ring.
 //   warpgroups 1,2 consumers: warpgroup w owns keys 64w..64w+63 of the block. Per query tile:
 //                 S^T  = K_w Q^T          wgmma, A = K_w, B = Q   (shared memory, K-major)
 //                 dP^T = V_w dO^T         wgmma, A = V_w, B = dO  (shared memory, K-major)
@@ -27,10 +27,16 @@
 // written by the consumers in the same layout: row = key (128 bytes = 64 queries), 16-byte unit
 // u of row r stored at unit u ^ (r % 8).
 //
+// Blocks: the key blocks of one (batch, kv head) are consecutive in blockIdx.x (n_block fastest), so
+// the blocks running at once share their query head's Q, dO and dQ in L2; block n_block starts its
+// walk over the query tiles n_block tiles in (wrapping around), so they do not all add into the
+// same dQ rows at the same time.
+//
 // Template parameters: T (__half / __nv_bfloat16), D (head dim = Dv; 128), STAGES (Q/dO ring).
 // Tensor maps are 5-D (D, L, H, B1, B0) as in the forward; `bcast` bits 0-2: q's H, B1, B0
-// broadcast, 3-5: k's, 6-8: v's (dO is contiguous). lse2, delta and dq are contiguous
-// (B0, B1, Hq, Lq[, D]); dk, dv contiguous (B0, B1, Hkv, Lk, D), float32.
+// broadcast, 3-5: k's, 6-8: v's (dO is contiguous). lse2 and delta are (B0, B1, Hq, pitch) with
+// pitch = Lq rounded up to 64; dq is contiguous (B0, B1, Hq, Lq, D), dk, dv (B0, B1, Hkv, Lk, D),
+// all float32.
 #include "hopper.cuh"
 
 namespace sm90_bwd {
@@ -55,14 +61,21 @@ struct Plan {
     static constexpr unsigned kOffQ = 2 * kKV;
     static constexpr unsigned kOffDO = kOffQ + STAGES * kQ;
     static constexpr unsigned kOffDS = kOffDO + STAGES * kQ;
+    static constexpr unsigned kRow = kBlockM * 4;                   // 64 floats of lse2 (or delta)
     static constexpr unsigned kOffRow = kOffDS + 2 * kDS;           // lse2[64], delta[64] per stage
-    static constexpr unsigned kOffBar = kOffRow + STAGES * 2 * kBlockM * 4;
+    static constexpr unsigned kOffBar = kOffRow + STAGES * 2 * kRow;
     static constexpr unsigned kBars = 1 + 2 * STAGES;                // K/V full; Q/dO full, empty
     static constexpr unsigned kBytes = kOffBar + 8 * kBars + 1024;   // + slack for aligning the base
 };
 
 __device__ __forceinline__ void fence_proxy_async_smem() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// 1-D bulk copy global -> shared (16-byte aligned, size a multiple of 16), counted on `bar`.
+__device__ __forceinline__ void bulk_load(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
 
 __device__ __forceinline__ void red_add_v2(float* addr, float a, float b) {
@@ -78,7 +91,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
                       const __grid_constant__ sm90::TmaMap tm_v, const __grid_constant__ sm90::TmaMap tm_do,
                       const float* __restrict__ lse2, const float* __restrict__ delta,
                       float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
-                      int Lq, int Lk, int Hq, int Hkv, int group, int nb1, int num_kv_bh, int causal,
+                      int Lq, int Lk, int Hq, int Hkv, int group, int nb1, int num_n_blocks, int causal,
                       int bcast, float scale_log2, float scale) {
     using namespace sm90_bwd;
     static_assert(D == 128, "the dQ product splits the head dim into one 64-column chunk per warpgroup");
@@ -89,16 +102,16 @@ flash_bwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
     const unsigned base = (smem_u32(smem_raw) + 1023u) & ~1023u;
     unsigned char* const base_ptr = smem_raw + (base - smem_u32(smem_raw));
     const unsigned sK = base, sV = base + P::kOffV, sQ = base + P::kOffQ, sDO = base + P::kOffDO;
-    const unsigned sDS = base + P::kOffDS;
-    float* const row_vals = reinterpret_cast<float*>(base_ptr + P::kOffRow);   // [stage][lse2 64 | delta 64]
+    const unsigned sDS = base + P::kOffDS, sRow = base + P::kOffRow;
+    const float* const row_vals = reinterpret_cast<const float*>(base_ptr + P::kOffRow);   // [stage][lse2 | delta]
     const unsigned bars = base + P::kOffBar;
     const unsigned bar_kv = bars;
     auto bar_full = [&](int s) { return bars + 8u * (1 + s); };
     auto bar_empty = [&](int s) { return bars + 8u * (1 + STAGES + s); };
 
     // ---- this block's keys and the query tiles that can see them ------------------------------
-    const int n_block = blockIdx.x / num_kv_bh;           // key block major: causal's heavy blocks first
-    const int kv_bh = blockIdx.x - n_block * num_kv_bh;
+    const int kv_bh = blockIdx.x / num_n_blocks;
+    const int n_block = blockIdx.x - kv_bh * num_n_blocks;
     const int hk = kv_bh % Hkv;
     const int bb = kv_bh / Hkv;
     const int b1 = bb % nb1, b0 = bb / nb1;
@@ -112,12 +125,21 @@ flash_bwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
     const int n_qt = (Lq + kBlockM - 1) / kBlockM;
     const int per_head = max(0, n_qt - qt_start);
     const int n_items = per_head * group;
+    const int pitch = n_qt * kBlockM;                     // entries per row of lse2 / delta
+    const int rot = n_items > 0 ? n_block % n_items : 0;
+    // item it -> (query head in the group, first query row), starting `rot` items in
+    auto item = [&](int it, int& g, int& q0) {
+        int r = it + rot;
+        if (r >= n_items) r -= n_items;
+        g = r / per_head;
+        q0 = (qt_start + r - g * per_head) * kBlockM;
+    };
 
     if (threadIdx.x == 0) {
         mbar_init(bar_kv, 1);
 #pragma unroll
         for (int s = 0; s < STAGES; ++s) {
-            mbar_init(bar_full(s), 2);          // warp 0's expect_tx arrival + warp 1's rows
+            mbar_init(bar_full(s), 1);
             mbar_init(bar_empty(s), 2 * 128);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -127,8 +149,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
     if (threadIdx.x < 128) {
         // =========================== producer warpgroup ===========================================
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kProducerRegs));
-        const int pw = threadIdx.x >> 5, lane = threadIdx.x & 31;
-        if (pw == 0 && lane == 0 && n_items > 0) {   // no tile: the block must not leave loads in flight
+        if (threadIdx.x == 0 && n_items > 0) {   // no tile: the block must not leave loads in flight
             tma_prefetch_map(&tm_q);
             tma_prefetch_map(&tm_do);
             const int kh = (bcast & 8) ? 0 : hk, kb1 = (bcast & 16) ? 0 : b1, kb0 = (bcast & 32) ? 0 : b0;
@@ -142,38 +163,21 @@ flash_bwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
             RingPos pos;
 #pragma unroll 1
             for (int it = 0; it < n_items; ++it) {
-                const int g = it / per_head;
-                const int q0 = (qt_start + it - g * per_head) * kBlockM;
+                int g, q0;
+                item(it, g, q0);
                 const int h = hk * group + g;
                 const int qh = (bcast & 1) ? 0 : h, qb1 = (bcast & 2) ? 0 : b1, qb0 = (bcast & 4) ? 0 : b0;
+                const long long rb = (static_cast<long long>(bb) * Hq + h) * pitch + q0;
                 const int s = pos.stage;
                 mbar_wait(bar_empty(s), pos.phase ^ 1u);
-                mbar_arrive_expect_tx(bar_full(s), 2 * P::kQ);
+                mbar_arrive_expect_tx(bar_full(s), 2 * P::kQ + 2 * P::kRow);
 #pragma unroll
                 for (int c = 0; c < static_cast<int>(P::kChunks); ++c) {
                     tma_load_5d(sQ + s * P::kQ + c * (kBlockM * 128u), &tm_q, bar_full(s), c * 64, q0, qh, qb1, qb0);
                     tma_load_5d(sDO + s * P::kQ + c * (kBlockM * 128u), &tm_do, bar_full(s), c * 64, q0, h, b1, b0);
                 }
-                pos.advance<STAGES>();
-            }
-        } else if (pw == 1) {
-            RingPos pos;
-#pragma unroll 1
-            for (int it = 0; it < n_items; ++it) {
-                const int g = it / per_head;
-                const int q0 = (qt_start + it - g * per_head) * kBlockM;
-                const long long rb = (static_cast<long long>(bb) * Hq + hk * group + g) * Lq;
-                const int s = pos.stage;
-                mbar_wait(bar_empty(s), pos.phase ^ 1u);
-                float* vals = row_vals + s * 2 * kBlockM;
-#pragma unroll
-                for (int i = lane; i < kBlockM; i += 32) {
-                    const int q = q0 + i;
-                    vals[i] = q < Lq ? lse2[rb + q] : INFINITY;            // P = 0 past Lq
-                    vals[kBlockM + i] = q < Lq ? delta[rb + q] : 0.f;
-                }
-                __syncwarp();
-                if (lane == 0) mbar_arrive(bar_full(s));
+                bulk_load(sRow + s * 2 * P::kRow, lse2 + rb, P::kRow, bar_full(s));
+                bulk_load(sRow + s * 2 * P::kRow + P::kRow, delta + rb, P::kRow, bar_full(s));
                 pos.advance<STAGES>();
             }
         }
@@ -197,8 +201,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
         RingPos pos;
 #pragma unroll 1
         for (int it = 0; it < n_items; ++it) {
-            const int g = it / per_head;
-            const int q0 = (qt_start + it - g * per_head) * kBlockM;
+            int g, q0;
+            item(it, g, q0);
             const int h = hk * group + g;
             const int s = pos.stage;
             const unsigned sQs = sQ + s * P::kQ, sDOs = sDO + s * P::kQ;
