@@ -23,7 +23,7 @@ from ._kernels import KernelSpec, get_function, set_dynamic_shared_memory
 from ._problem import BFLOAT16, FLOAT16, Problem, dtype_name
 
 SOURCE = "flash_bwd_sm90.cu"
-HEAD_DIMS = (128,)       # the dQ product gives each consumer warpgroup one 64-column chunk of D
+HEAD_DIMS = (64, 128)    # the dQ product gives each consumer warpgroup D/2 columns
 BLOCK_N = 128            # keys per block
 BLOCK_M = 64             # query rows per tile
 STAGES = 2               # Q / dO ring depth

@@ -15,7 +15,7 @@
 //                 dV_w += P^T dO          wgmma, A = P^T from registers, B = dO (MN-major)
 //                 dK_w += dS^T Q          wgmma, A = dS^T from registers, B = Q (MN-major)
 //                 dS^T -> shared memory (both warpgroups' halves: 128 keys x 64 queries)
-//                 dQ[:, 64w..64w+63] = dS K[:, 64w..]   wgmma, A = dS, B = K (both MN-major)
+//                 dQ[:, w*D/2..] = dS K[:, w*D/2..]     wgmma, A = dS, B = K (both MN-major)
 //                 dQ += scale * that, with fp32 vector atomics (red.global.add.v2.f32)
 //   dK (times scale) and dV stay in registers over the whole loop (GQA: summed over the group's
 //   query heads without atomics) and are written once, in float32.
@@ -32,7 +32,7 @@
 // walk over the query tiles n_block tiles in (wrapping around), so they do not all add into the
 // same dQ rows at the same time.
 //
-// Template parameters: T (__half / __nv_bfloat16), D (head dim = Dv; 128), STAGES (Q/dO ring).
+// Template parameters: T (__half / __nv_bfloat16), D (head dim = Dv: 64, 128), STAGES (Q/dO ring).
 // Tensor maps are 5-D (D, L, H, B1, B0) as in the forward; `bcast` bits 0-2: q's H, B1, B0
 // broadcast, 3-5: k's, 6-8: v's (dO is contiguous). lse2 and delta are (B0, B1, Hq, pitch) with
 // pitch = Lq rounded up to 64; dq is contiguous (B0, B1, Hq, Lq, D), dk, dv (B0, B1, Hkv, Lk, D),
@@ -94,7 +94,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
                       int Lq, int Lk, int Hq, int Hkv, int group, int nb1, int num_n_blocks, int causal,
                       int bcast, float scale_log2, float scale) {
     using namespace sm90_bwd;
-    static_assert(D == 128, "the dQ product splits the head dim into one 64-column chunk per warpgroup");
+    static_assert(D == 64 || D == 128, "head dim 64 or 128 (the dQ product gives each warpgroup D/2 columns)");
     using P = Plan<D, STAGES>;
     static_assert(P::kBytes <= 227 * 1024, "shared memory");
 
@@ -279,14 +279,19 @@ flash_bwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
                 Wgmma<T, D>::rs(dk_acc, pds[kk], make_desc(sQs + kk * 2048u, kBlockM * 128u, 1024u), 1);
             wgmma_commit();
 
-            // ---- dQ[:, 64w..] = dS K[:, 64w..]: both halves of dS^T must be in shared memory ------
+            // ---- dQ[:, w*D/2..] = dS K[:, w*D/2..]: both halves of dS^T must be in shared memory --
+            // columns w*D/2.. of K: 64-column chunk (w*D/2)/64, then 2 bytes per column inside its
+            // 128-byte rows (D = 64: the second warpgroup starts 64 bytes in; the hardware swizzle
+            // applies to the address, as for the K-steps inside a chunk of the S products)
             named_bar_sync(1, 256);
-            float dq_acc[32];
+            constexpr int kNQ = D / 2;
+            const unsigned k_cols = static_cast<unsigned>(w * kNQ);
+            const unsigned sKq = sK + (k_cols / 64u) * (kBlockN * 128u) + (k_cols % 64u) * 2u;
+            float dq_acc[kNQ / 2];
 #pragma unroll
             for (int kk = 0; kk < kBlockN / 16; ++kk)
-                WgmmaT<T, 64>::ss(dq_acc, make_desc(sDSb + kk * 2048u, kBlockM * 128u, 1024u),
-                                  make_desc(sK + w * (kBlockN * 128u) + kk * 2048u, kBlockN * 128u, 1024u),
-                                  kk > 0 ? 1 : 0);
+                WgmmaT<T, kNQ>::ss(dq_acc, make_desc(sDSb + kk * 2048u, kBlockM * 128u, 1024u),
+                                   make_desc(sKq + kk * 2048u, kBlockN * 128u, 1024u), kk > 0 ? 1 : 0);
             wgmma_commit();
             wgmma_wait<0>();
             fence_regs(dq_acc);
@@ -296,10 +301,10 @@ flash_bwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
 
             const long long rb = (static_cast<long long>(bb) * Hq + h) * Lq;
             const int q_lo = q0 + warp * 16 + g8, q_hi = q_lo + 8;
-            float* dq_lo = dq + (rb + q_lo) * D + w * 64 + 2 * t4;
-            float* dq_hi = dq + (rb + q_hi) * D + w * 64 + 2 * t4;
+            float* dq_lo = dq + (rb + q_lo) * D + w * kNQ + 2 * t4;
+            float* dq_hi = dq + (rb + q_hi) * D + w * kNQ + 2 * t4;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
+            for (int j = 0; j < kNQ / 8; ++j) {
                 if (q_lo < Lq) red_add_v2(dq_lo + 8 * j, scale * dq_acc[4 * j + 0], scale * dq_acc[4 * j + 1]);
                 if (q_hi < Lq) red_add_v2(dq_hi + 8 * j, scale * dq_acc[4 * j + 2], scale * dq_acc[4 * j + 3]);
             }

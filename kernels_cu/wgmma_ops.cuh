@@ -5,7 +5,7 @@
 //
 // ss(): the S-type GEMM, A and B from shared memory, both K-major (no transpose).
 // rs(): the PV-type GEMM, A from registers, B from shared memory MN-major (trans-b = 1).
-// WgmmaT<T, N>::ss(): A and B from shared memory, both MN-major (N = 64, 128; backward dQ).
+// WgmmaT<T, N>::ss(): A and B from shared memory, both MN-major (N = 32, 64, 128; backward dQ).
 // d[N/2]: fp32 accumulators (layout in flash_fwd_sm90.cu); scale_d = 0 overwrites, 1 accumulates.
 // No include guard on purpose.
 
@@ -305,6 +305,23 @@ template <> struct WgmmaT<WGMMA_T, 128> {
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(da), "l"(db), "r"(scale_d));
+    }
+};
+
+template <> struct WgmmaT<WGMMA_T, 32> {
+    // A and B from shared memory, both MN-major (trans-a = trans-b = 1): the backward's dQ = dS K,
+    // with dS stored key-major (dS^T) and K stored with the head dim contiguous.
+    __device__ __forceinline__ static void ss(float (&d)[16], unsigned long long da, unsigned long long db, int scale_d) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n32k16.f32." WGMMA_TY "." WGMMA_TY " {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15"
+            "}, %16, %17, p, 1, 1, 1, 1;\n}\n"
+            :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
             : "l"(da), "l"(db), "r"(scale_d));
     }
 };

@@ -40,9 +40,10 @@ def _check(case, inputs=None):
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("lq,lk", SHAPES)
-def test_shape_grid(lq, lk, causal, group, dtype):
-    case = Case(batch=(2,), heads_q=4, heads_kv=4 // group, len_q=lq, len_k=lk, head_dim=128,
-                head_dim_v=128, dtype=dtype, causal=causal, seed=lq + 7 * lk + group)
+@pytest.mark.parametrize("d", _flash_bwd_sm90.HEAD_DIMS)
+def test_shape_grid(d, lq, lk, causal, group, dtype):
+    case = Case(batch=(2,), heads_q=4, heads_kv=4 // group, len_q=lq, len_k=lk, head_dim=d,
+                head_dim_v=d, dtype=dtype, causal=causal, seed=lq + 7 * lk + group + d)
     _check(case)
 
 
@@ -60,9 +61,10 @@ def test_causal_rows_that_see_nothing():
 
 @pytest.mark.gpu
 @sm90_only
-def test_many_blocks_and_long_rows():
+@pytest.mark.parametrize("d", _flash_bwd_sm90.HEAD_DIMS)
+def test_many_blocks_and_long_rows(d):
     """More key blocks than SMs, several query tiles per block, GQA summed in the block."""
-    case = Case(batch=(3,), heads_q=8, heads_kv=2, len_q=1500, len_k=2100, head_dim=128, head_dim_v=128,
+    case = Case(batch=(3,), heads_q=8, heads_kv=2, len_q=1500, len_k=2100, head_dim=d, head_dim_v=d,
                 dtype=BFLOAT16, causal=True, seed=5)
     _check(case)
 
@@ -104,7 +106,7 @@ def test_dispatch_reasons_cpu():
     k = np.zeros((1, 2, 80, 128), np.float16)
     why = " | ".join(_flash_bwd_sm90.supports(normalize(q, k, k), deterministic=True))
     assert "deterministic" in why and "NumPy" in why
-    assert "head dim 64" in " | ".join(_flash_bwd_sm90.supports(normalize(q[..., :64], k[..., :64], k[..., :64])))
+    assert "head dim 96" in " | ".join(_flash_bwd_sm90.supports(normalize(q[..., :96], k[..., :96], k[..., :96])))
     assert "mask" in " | ".join(_flash_bwd_sm90.supports(normalize(q, k, k, mask=np.ones((100, 80), bool))))
     specs = _flash_bwd_sm90.kernel_specs()
     assert all(s.hopper_only for s in specs) and len(specs) == 2 * len(_flash_bwd_sm90.HEAD_DIMS)
@@ -116,6 +118,7 @@ def test_compiles_clean_cpu():
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"NVRTC unavailable: {exc}")
     from cupyattn._kernels import compile_offline
-    rep = compile_offline(_flash_bwd_sm90.spec_for(BFLOAT16, 128), "sm_90a")
-    assert rep.ok and not rep.spills and not rep.stack_frame, rep.line() + rep.log[-2000:]
-    assert "C7508" not in rep.log and "serializ" not in rep.log, rep.log
+    for d in _flash_bwd_sm90.HEAD_DIMS:
+        rep = compile_offline(_flash_bwd_sm90.spec_for(BFLOAT16, d), "sm_90a")
+        assert rep.ok and not rep.spills and not rep.stack_frame, rep.line() + rep.log[-2000:]
+        assert "C7508" not in rep.log and "serializ" not in rep.log, rep.log
