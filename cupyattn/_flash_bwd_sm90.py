@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _flash_sm90
 from ._kernels import KernelSpec, get_function, set_dynamic_shared_memory
-from ._problem import BFLOAT16, FLOAT16, Problem, dtype_name
+from ._problem import BFLOAT16, FLOAT16, Problem
 
 SOURCE = "flash_bwd_sm90.cu"
 HEAD_DIMS = (64, 128)    # the dQ product gives each consumer warpgroup D/2 columns
@@ -70,30 +70,11 @@ def supports(problem: Problem, deterministic: bool = False) -> List[str]:
     """Reasons this kernel cannot compute the backward of `problem` (empty list = it can)."""
     if not HOPPER_BACKWARD:
         return ["switched off (cupyattn._flash_bwd_sm90.HOPPER_BACKWARD = False)"]
-    reasons = []
-    if deterministic:
-        reasons.append("deterministic=True (the Hopper backward adds dQ up with atomics)")
-    if problem.library != "cupy":
-        reasons.append("inputs are NumPy arrays")
-    else:
-        why = _flash_sm90._device_reason(problem)
-        if why:
-            reasons.append(why)
-    if problem.dtype not in _CTYPES:
-        reasons.append(f"dtype {dtype_name(problem.dtype)} (float16 and bfloat16 only)")
-    if problem.head_dim != problem.head_dim_v:
-        reasons.append(f"D={problem.head_dim} != Dv={problem.head_dim_v}")
-    if problem.head_dim not in HEAD_DIMS:
-        reasons.append(f"head dim {problem.head_dim} (the Hopper backward runs D={list(HEAD_DIMS)})")
-    if problem.mask is not None:
-        reasons.append("mask/bias given (masks run on the mma.sync backward)")
-    if max(problem.len_q, problem.len_k) > _flash_sm90._MAX_LEN:
-        reasons.append("sequence length too long for int32 tile coordinates")
+    reasons = ["deterministic=True (the Hopper backward adds dQ up with atomics)"] if deterministic else []
+    reasons += _flash_sm90.hopper_reasons(problem, HEAD_DIMS, "Hopper backward", "the mma.sync backward")
     blocks = -(-problem.len_k // BLOCK_N) * problem.num_heads_kv * problem.batch_size
     if blocks >= 2**31:
         reasons.append("more than 2^31 - 1 blocks in one launch")
-    for name, a in (("q", problem.q), ("k", problem.k), ("v", problem.v)):
-        reasons.extend(_flash_sm90._layout_reasons(name, a))
     return reasons
 
 

@@ -156,30 +156,39 @@ def _device_reason(problem: Problem):
     return None
 
 
-def supports(problem: Problem) -> List[str]:
-    """Reasons this kernel cannot compute the forward of `problem` (empty list = it can)."""
+def hopper_reasons(problem: Problem, head_dims, kernel: str, mask_goes_to: str) -> List[str]:
+    """What rules a Hopper (TMA + wgmma) flash kernel out for `problem`, grid limits aside: no CuPy
+    arrays on an sm_90 GPU, a dtype other than float16/bfloat16, D != Dv or a head dim not in
+    `head_dims`, a mask, lengths past int32 tile coordinates, inputs a tensor map cannot describe.
+    `kernel` names the kernel in the messages, `mask_goes_to` where masked problems run instead."""
     reasons = []
     if problem.library != "cupy":
-        reasons.append("inputs are NumPy arrays (the sm90 kernel needs CuPy arrays on an sm_90 GPU)")
+        reasons.append(f"inputs are NumPy arrays (the {kernel} needs CuPy arrays on an sm_90 GPU)")
     else:
         why = _device_reason(problem)
         if why:
             reasons.append(why)
     if problem.dtype not in _CTYPES:
-        reasons.append(f"dtype {dtype_name(problem.dtype)} (the sm90 kernel runs float16 and bfloat16)")
+        reasons.append(f"dtype {dtype_name(problem.dtype)} (the {kernel} runs float16 and bfloat16)")
     if problem.head_dim != problem.head_dim_v:
-        reasons.append(f"D={problem.head_dim} != Dv={problem.head_dim_v} (the sm90 kernel needs D == Dv)")
-    if problem.head_dim not in CONFIGS:
-        reasons.append(f"head dim {problem.head_dim} is not instantiated for sm90 (only {list(HEAD_DIMS)})")
+        reasons.append(f"D={problem.head_dim} != Dv={problem.head_dim_v} (the {kernel} needs D == Dv)")
+    if problem.head_dim not in head_dims:
+        reasons.append(f"head dim {problem.head_dim} is not instantiated for the {kernel} (only {list(head_dims)})")
     if problem.mask is not None:
-        reasons.append("mask/bias given (masks run on the sm80 flash kernel)")
+        reasons.append(f"mask/bias given (masks run on {mask_goes_to})")
     if problem.len_q > _MAX_LEN or problem.len_k > _MAX_LEN:
         reasons.append("sequence length too long for int32 tile coordinates")
+    for name, a in (("q", problem.q), ("k", problem.k), ("v", problem.v)):
+        reasons.extend(_layout_reasons(name, a))
+    return reasons
+
+
+def supports(problem: Problem) -> List[str]:
+    """Reasons this kernel cannot compute the forward of `problem` (empty list = it can)."""
+    reasons = hopper_reasons(problem, HEAD_DIMS, "sm90 kernel", "the sm80 flash kernel")
     num_m = -(-problem.len_q // BLOCK_M)
     if num_m * problem.batch_size * problem.num_heads_q >= 2**31:
         reasons.append("more than 2^31 - 1 tiles in one launch")
-    for name, a in (("q", problem.q), ("k", problem.k), ("v", problem.v)):
-        reasons.extend(_layout_reasons(name, a))
     return reasons
 
 
