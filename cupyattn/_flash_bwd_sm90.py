@@ -71,7 +71,7 @@ def supports(problem: Problem, deterministic: bool = False) -> List[str]:
     if not HOPPER_BACKWARD:
         return ["switched off (cupyattn._flash_bwd_sm90.HOPPER_BACKWARD = False)"]
     reasons = ["deterministic=True (the Hopper backward adds dQ up with atomics)"] if deterministic else []
-    reasons += _flash_sm90.hopper_reasons(problem, HEAD_DIMS, "Hopper backward", "the mma.sync backward")
+    reasons += _flash_sm90.tma_kernel_reasons(problem, HEAD_DIMS, "Hopper backward", "the mma.sync backward")
     blocks = -(-problem.len_k // BLOCK_N) * problem.num_heads_kv * problem.batch_size
     if blocks >= 2**31:
         reasons.append("more than 2^31 - 1 blocks in one launch")

@@ -156,7 +156,7 @@ def _device_reason(problem: Problem):
     return None
 
 
-def hopper_reasons(problem: Problem, head_dims, kernel: str, mask_goes_to: str) -> List[str]:
+def tma_kernel_reasons(problem: Problem, head_dims, kernel: str, mask_goes_to: str) -> List[str]:
     """What rules a Hopper (TMA + wgmma) flash kernel out for `problem`, grid limits aside: no CuPy
     arrays on an sm_90 GPU, a dtype other than float16/bfloat16, D != Dv or a head dim not in
     `head_dims`, a mask, lengths past int32 tile coordinates, inputs a tensor map cannot describe.
@@ -185,7 +185,7 @@ def hopper_reasons(problem: Problem, head_dims, kernel: str, mask_goes_to: str) 
 
 def supports(problem: Problem) -> List[str]:
     """Reasons this kernel cannot compute the forward of `problem` (empty list = it can)."""
-    reasons = hopper_reasons(problem, HEAD_DIMS, "sm90 kernel", "the sm80 flash kernel")
+    reasons = tma_kernel_reasons(problem, HEAD_DIMS, "sm90 kernel", "the sm80 flash kernel")
     num_m = -(-problem.len_q // BLOCK_M)
     if num_m * problem.batch_size * problem.num_heads_q >= 2**31:
         reasons.append("more than 2^31 - 1 tiles in one launch")
