@@ -207,7 +207,8 @@ class FlashBackend(Backend):
             return []
         hopper_why = self.hopper_reasons(problem)
         if not hopper_why:
-            grid = "persistent grid" if _flash_sm90.persistent_grid(problem) else "one block per tile"
+            grid = {"dynamic": "persistent grid drawing tiles on demand", "static": "persistent grid, static stride",
+                    "per-tile": "one block per tile"}[_flash_sm90.grid_kind(problem)]
             config = _flash_sm90.tile_config(problem.head_dim, problem.len_k)
             return [f"Hopper kernel {_flash_sm90.kernel_name(problem.dtype, problem.head_dim, config)} "
                     f"(wgmma + TMA, warp-specialised, {grid})"] + _flash_bwd.backward_notes(problem)

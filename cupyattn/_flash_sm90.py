@@ -50,20 +50,24 @@ _SMEM_LIMIT = 227 * 1024
 # the kernel forgets to write cannot pass.
 POISON_OUTPUTS = False
 
-# None: choose per problem (persistent_grid); True/False force the grid (tests, tuning).
-PERSISTENT = None
+# How blocks find their tiles (see the top of kernels_cu/flash_fwd_sm90.cu):
+#   "dynamic"   one block per SM, each drawing its next tile from a global counter;
+#   "static"    one block per SM, block b taking tiles b, b + grid, b + 2 grid, ...;
+#   "per-tile"  one block per tile, scheduled by the hardware.
+GRIDS = ("dynamic", "static", "per-tile")
+# None: choose per problem (grid_kind); a name from GRIDS forces it (tests, tuning).
+GRID = None
 
 
-def persistent_grid(problem: Problem) -> bool:
-    """One block per SM looping over the tiles wins almost everywhere (short tails, no per-tile
-    prologue) except long causal problems, where its static striding over tiles of uneven cost
-    leaves SMs idle at the end; there one block per tile, scheduled by the hardware, is faster
-    (tools/tune_sm90.py on an H200, 2026-11-28: D=256, L=16k causal 566 vs 360 TFLOP/s; D=128
-    540 vs 508; at L=4k causal the persistent grid was ahead, 447 vs 369 at D=128).
-    The module's PERSISTENT, when set, overrides the choice."""
-    if PERSISTENT is not None:
-        return bool(PERSISTENT)
-    return not (problem.causal and problem.len_k >= 8192)
+def grid_kind(problem: Problem) -> str:
+    """The persistent grid avoids a per-block prologue (barrier set-up, Q load, an empty K/V ring)
+    and lets the producer load the next tile's keys under the current tile's math. With a static
+    stride, causal tiles of uneven cost leave SMs idle at the end (tools/tune_sm90.py on an H200,
+    2026-11-28: D=256, L=16k causal, per-tile 566 vs static 360 TFLOP/s); drawing tiles on demand
+    ("dynamic") keeps both advantages. The module's GRID, when set, overrides the choice."""
+    if GRID is not None:
+        return GRID
+    return "dynamic"
 
 
 def tile_config(head_dim: int, len_k: int = 0) -> Tuple[int, int]:
@@ -105,7 +109,7 @@ def smem_bytes(head_dim: int, config: Tuple[int, int] = None) -> int:
     bn, stages = config or CONFIGS[head_dim]
     q = BLOCK_M * head_dim * 2
     kv = bn * head_dim * 2
-    return q + 2 * stages * kv + 8 * (4 + 4 * stages) + 1024
+    return q + 2 * stages * kv + 8 * (4 + 4 * stages) + 48 + 1024
 
 
 assert all(smem_bytes(d, c) <= _SMEM_LIMIT for d in HEAD_DIMS for c in configs(d))
@@ -187,8 +191,8 @@ def supports(problem: Problem) -> List[str]:
     """Reasons this kernel cannot compute the forward of `problem` (empty list = it can)."""
     reasons = tma_kernel_reasons(problem, HEAD_DIMS, "sm90 kernel", "the sm80 flash kernel")
     num_m = -(-problem.len_q // BLOCK_M)
-    if num_m * problem.batch_size * problem.num_heads_q >= 2**31:
-        reasons.append("more than 2^31 - 1 tiles in one launch")
+    if num_m * problem.batch_size * problem.num_heads_q >= 2**30:
+        reasons.append("more than 2^30 tiles in one launch (tile numbers plus the grid must fit int32)")
     return reasons
 
 
@@ -322,11 +326,11 @@ def _dim_entry(extent, stride, placeholder):
     return extent, stride, False
 
 
-def forward(problem: Problem, poison=None, persistent=None, checked=False, config=None) -> Tuple[object, object]:
+def forward(problem: Problem, poison=None, grid=None, checked=False, config=None) -> Tuple[object, object]:
     """(out, lse): out batch_shape + (Hq, Lq, D) in problem.dtype, lse batch_shape + (Hq, Lq) float32.
 
     poison: fill the outputs with NaN before the launch (default: the module's POISON_OUTPUTS);
-    persistent: one block per SM (True) or per tile (False); default: persistent_grid(problem);
+    grid: one of GRIDS; default: grid_kind(problem);
     config: (BN, STAGES), one of configs(D) (tests); default: tile_config(D, Lk);
     checked: the caller has just seen supports(problem) come back empty (saves asking twice)."""
     reasons = [] if checked else supports(problem)
@@ -334,8 +338,9 @@ def forward(problem: Problem, poison=None, persistent=None, checked=False, confi
         raise ValueError("the sm90 flash kernel cannot run this problem: " + "; ".join(reasons))
     import cupy
     poison = POISON_OUTPUTS if poison is None else poison
-    if persistent is None:
-        persistent = persistent_grid(problem)
+    grid = grid_kind(problem) if grid is None else grid
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, not {grid!r}")
     D, Lq, Lk, Hq, Hkv = problem.head_dim, problem.len_q, problem.len_k, problem.num_heads_q, problem.num_heads_kv
     dtype = problem.dtype
     out = cupy.empty(problem.batch_shape + (Hq, Lq, D), dtype=dtype)
@@ -363,7 +368,8 @@ def forward(problem: Problem, poison=None, persistent=None, checked=False, confi
     device_id = problem.device_id
     fn = get_function(spec_for(dtype, D, config), cupy.cuda.Device(device_id))
     nbytes = smem_bytes(D, config)
-    grid = min(num_tiles, _sm_count(device_id)) if persistent else num_tiles
+    blocks = num_tiles if grid == "per-tile" else min(num_tiles, _sm_count(device_id))
+    sched = np.uint64(_scheduler_counters(device_id).data.ptr if grid == "dynamic" else 0)
     set_dynamic_shared_memory(fn, nbytes)
     swz_bh = _swizzle_width(device_id, Lk, D, group, num_bh)
     scale_log2 = np.float32(problem.scale * math.log2(math.e))
@@ -379,12 +385,28 @@ def forward(problem: Problem, poison=None, persistent=None, checked=False, confi
         maps, bcast = launch_maps((q, k, v), shapes, idx, split, dtype, D)
         o = np.uint64(out.data.ptr + launch * out_step)
         s = np.uint64(lse.data.ptr + launch * lse_step)
-        fn((grid,), (THREADS,),
+        fn((blocks,), (THREADS,),
            (maps[0], maps[1], maps[2], o, s, np.int32(Lq), np.int32(Lk), np.int32(Hq), np.int32(group),
             np.int32(nb1), np.int32(num_m), np.int32(num_bh), np.int32(swz_bh), np.int32(problem.causal),
-            np.int32(bcast), scale_log2, np.int32(num_tiles)),
+            np.int32(bcast), scale_log2, np.int32(num_tiles), sched),
            shared_mem=nbytes)
     return out, lse
+
+
+_counters = {}
+
+
+def _scheduler_counters(device_id: int):
+    """The dynamic scheduler's two int32 counters for the current stream of `device_id`. They must
+    be zero when a launch starts; the kernel leaves them zero when it ends, so launches on one
+    stream (which run one after the other) can share them without a memset. Streams get their own:
+    launches on two streams may run at once."""
+    import cupy
+    key = (device_id, cupy.cuda.get_current_stream(device_id).ptr)
+    buf = _counters.get(key)
+    if buf is None:
+        buf = _counters[key] = cupy.zeros(2, dtype=np.int32)
+    return buf
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,17 +23,26 @@
 // long as every chunk starts 1024-byte aligned).
 //
 // Template parameters: T (__half / __nv_bfloat16), D (head dim = Dv: 64, 128, 256), BN (keys per
-// tile), STAGES (ring depth). Each block loops over tiles blockIdx.x, +gridDim.x, ...: the host
-// launches one block per tile or, for a persistent grid, one per SM. The last kernel argument,
-// num_tiles, is the number of 128-row tiles (m-blocks x batch x heads).
+// tile), STAGES (ring depth). The host launches one block per tile or, for a persistent grid, one
+// per SM; num_tiles is the number of 128-row tiles (m-blocks x batch x heads). A block starts at
+// tile blockIdx.x and then takes
+//   * with sched == nullptr: blockIdx.x + gridDim.x, + 2 gridDim.x, ... (static stride);
+//   * with sched (two ints, zero at launch): gridDim.x + atomicAdd(sched, 1), i.e. the next tile
+//     nobody has taken (dynamic). Causal tiles differ in cost up to Lk/BN times, and a static stride
+//     hands some blocks far more work than others (a simulated H100 schedule at L=4k, D=128: the
+//     busiest block ends 17% after the mean); drawing tiles on demand leaves a tail of one light tile.
+//     The last block to finish sets both ints back to zero, so the next launch on the stream finds
+//     them ready without a memset.
+// Producer warp 1 draws the tiles and passes them to the other roles through a two-slot
+// shared-memory queue (TileQueue); a tile index >= num_tiles tells every role to stop.
 #include "hopper.cuh"
 
 namespace sm90 {
 
 constexpr int kBlockM = 128;          // query rows per block (2 consumer warpgroups x 64)
 constexpr int kThreads = 384;         // producer warpgroup + 2 consumer warpgroups
-constexpr int kProducerRegs = 40;
-constexpr int kConsumerRegs = 232;    // 40*128 + 232*256 = 64512 = 168*384 (the entry budget)
+constexpr int kProducerRegs = 24;          // enough for the producer roles (ptxas: no spills); the rest to the consumers
+constexpr int kConsumerRegs = 240;    // 24*128 + 240*256 = 64512 = 168*384 (the entry budget)
 
 // Shared-memory plan (byte offsets from a 1024-aligned base). The host repeats smem_bytes().
 template <int D, int BN, int STAGES>
@@ -46,7 +55,8 @@ struct Plan {
     static constexpr unsigned kOffV = kOffK + STAGES * kKV;
     static constexpr unsigned kOffBar = kOffV + STAGES * kKV;
     static constexpr unsigned kBars = 4 + 4 * STAGES;   // Q full/empty per consumer; K, V full/empty per stage
-    static constexpr unsigned kBytes = kOffBar + 8 * kBars + 1024;   // + slack for aligning the base
+    static constexpr unsigned kOffQueue = kOffBar + 8 * kBars;       // TileQueue: 2 x (full, empty) + 2 ints
+    static constexpr unsigned kBytes = kOffQueue + 48 + 1024;        // + slack for aligning the base
 };
 
 // ---- consumer building blocks (one warpgroup, 64 query rows) ----------------------------------
@@ -84,8 +94,6 @@ __device__ __forceinline__ void rescale(float (&o)[D / 2], float corr_lo, float 
         o[4 * j + 3] *= corr_hi;
     }
 }
-
-
 
 // ================================================================================================
 // The consumer loop: ping-pong between warpgroups plus intra-warpgroup overlap, written
@@ -176,6 +184,56 @@ __device__ __forceinline__ void rescale_if_needed(float (&o)[D / 2], float corr_
     if (__any_sync(0xffffffffu, (corr_lo != 1.f) | (corr_hi != 1.f))) rescale<D>(o, corr_lo, corr_hi);
 }
 
+// Hands tile indices from the drawing thread (producer warp 1) to the K/V producer thread and the
+// 256 consumer threads: two slots, each an int with a full and an empty mbarrier. Each side counts
+// the entries it has passed (n): entry n uses slot n % 2, in fill n / 2 of that slot (one counter
+// instead of a RingPos: the consumers are one register short at D=128, BN=176).
+struct TileQueue {
+    static constexpr unsigned kReaders = 1 + 256;   // K/V producer + every consumer thread
+    unsigned base;                                  // kOffQueue: full[2], empty[2], value[2]
+    __device__ unsigned full(unsigned n) const { return base + 8u * (n & 1u); }
+    __device__ unsigned empty(unsigned n) const { return base + 16u + 8u * (n & 1u); }
+    __device__ unsigned slot(unsigned n) const { return base + 32u + 4u * (n & 1u); }
+    __device__ void init() const {
+        for (unsigned s = 0; s < 2; ++s) {
+            mbar_init(full(s), 1);
+            mbar_init(empty(s), kReaders);
+        }
+    }
+    // drawing thread: waits until every reader has taken the entry that used the slot last
+    __device__ void push(unsigned& n, int tile) const {
+        mbar_wait(empty(n), ((n >> 1) & 1u) ^ 1u);
+        asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(slot(n)), "r"(tile) : "memory");
+        mbar_arrive(full(n));   // release: the store is visible to whoever sees the phase flip
+        ++n;
+    }
+    // a reader: the next entry, and the slot handed back
+    __device__ int pop(unsigned& n) const {
+        mbar_wait(full(n), (n >> 1) & 1u);
+        int tile;
+        asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(tile) : "r"(slot(n)) : "memory");
+        mbar_arrive(empty(n));
+        ++n;
+        return tile;
+    }
+};
+
+// The tile after `tile` for this block (see the kernel's comment). With the dynamic scheduler a
+// block that draws past the end counts itself out; the last one out resets the two counters.
+__device__ __forceinline__ int next_tile(int tile, int* sched, int num_tiles) {
+    if (sched == nullptr) return tile + static_cast<int>(gridDim.x);
+    const int next = static_cast<int>(gridDim.x) + atomicAdd(sched, 1);
+    if (next >= num_tiles) {
+        __threadfence();   // this block's last draw lands before its count-out
+        if (atomicAdd(sched + 1, 1) == static_cast<int>(gridDim.x) - 1) {
+            __threadfence();
+            sched[0] = 0;   // every block has drawn its last: nobody touches the counters again
+            sched[1] = 0;
+        }
+    }
+    return next;
+}
+
 struct TileInfo {
     int m_block, bh, h, b1, b0, hk, row0, n_tiles;
 };
@@ -209,7 +267,8 @@ template <typename T, int D, int BN, int STAGES>
 __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& tm_k, const TmaMap& tm_v,
                                               T* __restrict__ out, float* __restrict__ lse_out, int Lq, int Lk,
                                               int Hq, int group, int nb1, int num_m_blocks, int num_bh,
-                                              int swz_bh, int causal, int bcast, float scale_log2, int num_tiles) {
+                                              int swz_bh, int causal, int bcast, float scale_log2, int num_tiles,
+                                              int* sched) {
     using P = Plan<D, BN, STAGES>;
     extern __shared__ unsigned char smem_raw[];
     const unsigned raw_addr = smem_u32(smem_raw);
@@ -222,6 +281,7 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
     auto bar_full_v = [&](int s) { return bars + 8u * (4 + STAGES + s); };
     auto bar_empty_k = [&](int s) { return bars + 8u * (4 + 2 * STAGES + s); };
     auto bar_empty_v = [&](int s) { return bars + 8u * (4 + 3 * STAGES + s); };
+    const TileQueue queue{base + P::kOffQueue};
 
     if (threadIdx.x == 0) {
 #pragma unroll
@@ -236,6 +296,7 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
             mbar_init(bar_empty_k(s), 2 * 128);
             mbar_init(bar_empty_v(s), 2 * 128);
         }
+        queue.init();
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
@@ -249,8 +310,11 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
             tma_prefetch_map(&tm_k);
             tma_prefetch_map(&tm_v);
             RingPos pos;
+            unsigned queued = 0;
 #pragma unroll 1
-            for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+            for (;;) {
+                const int tile = queue.pop(queued);
+                if (tile >= num_tiles) break;
                 const TileInfo t = decode_tile<BN>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
                 const int kh = (bcast & 8) ? 0 : t.hk, kb1 = (bcast & 16) ? 0 : t.b1, kb0 = (bcast & 32) ? 0 : t.b0;
                 const int vh = (bcast & 64) ? 0 : t.hk, vb1 = (bcast & 128) ? 0 : t.b1, vb0 = (bcast & 256) ? 0 : t.b0;
@@ -272,24 +336,33 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                 }
             }
         } else if (pw == 1 && (threadIdx.x & 31) == 0) {
-            // Q: both 64-row halves of every tile with work, each when its warpgroup freed it
+            // Draws the tiles (queue) and loads Q: both 64-row halves of every tile, each when its
+            // warpgroup freed it. A tile whose rows see no key (causal, Lq > Lk) gets the same
+            // handshake with no bytes, so the Q barriers' phases follow the queue's entry count.
+            // The next tile is drawn once this one's Q is on its way, i.e. about when the consumers
+            // start on it: late enough to go to a block that is free.
             tma_prefetch_map(&tm_q);
-            unsigned tq = 0;
+            unsigned queued = 0;
 #pragma unroll 1
-            for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+            for (int tile = blockIdx.x;; tile = next_tile(tile, sched, num_tiles)) {
+                const unsigned parity = queued & 1u;
+                queue.push(queued, tile);
+                if (tile >= num_tiles) break;
                 const TileInfo t = decode_tile<BN>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
-                if (t.n_tiles == 0) continue;
                 const int qh = (bcast & 1) ? 0 : t.h, qb1 = (bcast & 2) ? 0 : t.b1, qb0 = (bcast & 4) ? 0 : t.b0;
 #pragma unroll
                 for (int w = 0; w < 2; ++w) {
-                    mbar_wait(bar_q_empty(w), (tq & 1u) ^ 1u);
+                    mbar_wait(bar_q_empty(w), parity ^ 1u);
+                    if (t.n_tiles == 0) {
+                        mbar_arrive(bar_q(w));
+                        continue;
+                    }
                     mbar_arrive_expect_tx(bar_q(w), P::kQHalf);
 #pragma unroll
                     for (int c = 0; c < static_cast<int>(P::kChunks); ++c)
                         tma_load_5d(sQ + w * P::kQHalf + c * (64u * 128u), &tm_q, bar_q(w),
                                     c * 64, t.row0 + w * 64, qh, qb1, qb0);
                 }
-                ++tq;
             }
         }
     } else {
@@ -306,9 +379,11 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
         if (w == 0) named_bar_arrive(3, 256);   // warpgroup 0 issues first
 
         RingPos pos;
-        unsigned tq = 0;
+        unsigned queued = 0;
 #pragma unroll 1
-        for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        for (;;) {
+            const int tile = queue.pop(queued);
+            if (tile >= num_tiles) break;
             const TileInfo t = decode_tile<BN>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
             const int n_tiles = t.n_tiles;
             const int wrow0 = t.row0 + w * 64;
@@ -325,8 +400,8 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
             float m_lo = -INFINITY, m_hi = -INFINITY;
             float l_lo = 0.f, l_hi = 0.f;
 
+            mbar_wait(bar_q(w), (queued - 1u) & 1u);   // this tile's Q (the queue's entry queued - 1)
             if (n_tiles > 0) {
-                mbar_wait(bar_q(w), tq & 1u);
                 float sc[BN / 2];
                 unsigned pa[BN / 16][4];
                 float corr_lo, corr_hi;
@@ -384,9 +459,8 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                 wgmma_wait<0>();
                 fence_regs(o);
                 mbar_arrive(bar_empty_v(prev.stage));
-                mbar_arrive(bar_q_empty(w));   // every wgmma reading this Q half has completed
-                ++tq;
             }
+            mbar_arrive(bar_q_empty(w));   // every wgmma reading this Q half has completed
 
             // ---- epilogue: normalise and store straight from registers ----------------------------
             l_lo = quad_sum(l_lo);
@@ -416,9 +490,9 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
 }  // namespace sm90
 
 // ---------------------------------------------------------------------------------------------
-// The kernel. Grid: one block per (m-block, batch*q-head), flattened in blockIdx.x with (a) groups
-// of swz_bh consecutive (batch, head) pairs kept together for L2 reuse of K/V and (b) inside a
-// group the m-blocks from the last (heaviest under causal) to the first.
+// The kernel. Tiles (m-block, batch*q-head) are numbered with (a) groups of swz_bh consecutive
+// (batch, head) pairs kept together for L2 reuse of K/V and (b) inside a group the m-blocks from
+// the last (heaviest under causal) to the first; blocks take them in that order (see the top).
 //
 // Tensor maps are 5-D, innermost first: (D, L, H, B1, B0). A dimension that is broadcast (stride
 // 0) has extent 1 in the map and its coordinate forced to 0 by `bcast` (bits 0-2: q's H, B1, B0;
@@ -429,11 +503,11 @@ flash_fwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
                       const __grid_constant__ sm90::TmaMap tm_v, T* __restrict__ out,
                       float* __restrict__ lse_out, int Lq, int Lk, int Hq, int group, int nb1,
                       int num_m_blocks, int num_bh, int swz_bh, int causal, int bcast, float scale_log2,
-                      int num_tiles) {
+                      int num_tiles, int* __restrict__ sched) {
     using namespace sm90;
     static_assert(D % 64 == 0 && D >= 64 && D <= 256, "head dim: 64, 128, 192 or 256");
     static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key tile");
     static_assert(Plan<D, BN, STAGES>::kBytes <= 227 * 1024, "shared memory");
     pingpong_body<T, D, BN, STAGES>(tm_q, tm_k, tm_v, out, lse_out, Lq, Lk, Hq, group, nb1, num_m_blocks,
-                                    num_bh, swz_bh, causal, bcast, scale_log2, num_tiles);
+                                    num_bh, swz_bh, causal, bcast, scale_log2, num_tiles, sched);
 }

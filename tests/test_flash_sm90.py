@@ -47,13 +47,13 @@ def _grid_case(lq, lk, d, gqa, causal, batch):
     return (q, k, v), reference_attention(q, k, v, causal=causal)
 
 
-GRIDS = [pytest.param(True, id="persistent"), pytest.param(False, id="block-per-tile")]
+GRIDS = [pytest.param(g, id=g) for g in _flash_sm90.GRIDS]
 
 
-def _run(q, k, v, causal, scale=None, persistent=None, config=None):
+def _run(q, k, v, causal, scale=None, grid=None, config=None):
     problem = normalize(q, k, v, causal=causal, scale=scale)
     assert _flash_sm90.supports(problem) == []
-    return _flash_sm90.forward(problem, poison=True, persistent=persistent, config=config)
+    return _flash_sm90.forward(problem, poison=True, grid=grid, config=config)
 
 
 LONG_TILES = [pytest.param(d, id=f"D{d}") for d in sorted(_flash_sm90.LONG_CONFIGS)]
@@ -109,15 +109,15 @@ def test_shape_grid(lq, lk, d, causal, gqa, dtype):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("lq,lk", [(113, 203), (1, 239), (512, 256), (1023, 1024)])
-@pytest.mark.parametrize("persistent", GRIDS)
-def test_both_grids(persistent, lq, lk, d, causal, dtype):
-    """Both grids (not only the one persistent_grid picks), identical bits on repeat."""
+@pytest.mark.parametrize("grid", GRIDS)
+def test_both_grids(grid, lq, lk, d, causal, dtype):
+    """Every grid (not only the one grid_kind picks), identical bits on repeat."""
     import cupy
     qn, kn, vn = _inputs((2, HEADS_Q, lq, d), (2, 1, lk, d), dtype, seed=lq + lk + d)
     q, k, v = cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn)
-    out, lse = _run(q, k, v, causal, persistent=persistent)
+    out, lse = _run(q, k, v, causal, grid=grid)
     _check(qn, kn, vn, out, lse, causal)
-    out2, lse2 = _run(q, k, v, causal, persistent=persistent)
+    out2, lse2 = _run(q, k, v, causal, grid=grid)
     assert np.array_equal(cupy.asnumpy(out).view(np.uint16), cupy.asnumpy(out2).view(np.uint16))
     assert np.array_equal(cupy.asnumpy(lse).view(np.uint32), cupy.asnumpy(lse2).view(np.uint32))
 
@@ -128,17 +128,17 @@ def test_both_grids(persistent, lq, lk, d, causal, dtype):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", LONG_TILES)
 @pytest.mark.parametrize("lq,lk", [(113, 203), (1, 239), (512, 256), (1023, 1024), (300, 1337)])
-@pytest.mark.parametrize("persistent", GRIDS)
-def test_long_key_tiles(persistent, lq, lk, d, causal, dtype):
+@pytest.mark.parametrize("grid", GRIDS)
+def test_long_key_tiles(grid, lq, lk, d, causal, dtype):
     """The wide key tiles that long key ranges run with (LONG_CONFIGS), forced on short shapes:
     partial key tiles, rows that see nothing, GQA; identical bits on repeat."""
     import cupy
     config = _flash_sm90.LONG_CONFIGS[d]
     qn, kn, vn = _inputs((2, HEADS_Q, lq, d), (2, 2, lk, d), dtype, seed=lq + 3 * lk + d)
     q, k, v = cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn)
-    out, lse = _run(q, k, v, causal, persistent=persistent, config=config)
+    out, lse = _run(q, k, v, causal, grid=grid, config=config)
     _check(qn, kn, vn, out, lse, causal)
-    out2, lse2 = _run(q, k, v, causal, persistent=persistent, config=config)
+    out2, lse2 = _run(q, k, v, causal, grid=grid, config=config)
     assert np.array_equal(cupy.asnumpy(out).view(np.uint16), cupy.asnumpy(out2).view(np.uint16))
     assert np.array_equal(cupy.asnumpy(lse).view(np.uint32), cupy.asnumpy(lse2).view(np.uint32))
 
@@ -158,24 +158,46 @@ def test_long_keys_dispatch(d, causal):
 
 @pytest.mark.gpu
 @sm90_only
-@pytest.mark.parametrize("persistent", GRIDS)
-def test_many_tiles(persistent):
+@pytest.mark.parametrize("grid", GRIDS)
+def test_many_tiles(grid):
     """More tiles than SMs (a persistent block loops; K/V ring and Q phases carry across tiles),
     causal with Lq != Lk, GQA, a partial last m-block."""
     import cupy
     qn, kn, vn = _inputs((4, 16, 2000, 128), (4, 4, 2100, 128), BFLOAT16, seed=11)
-    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), True, persistent=persistent)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), True, grid=grid)
     _check(qn, kn, vn, out, lse, True)
     qn, kn, vn = _inputs((37, 8, 300, 64), (37, 2, 310, 64), FLOAT16, seed=12)
-    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), False, persistent=persistent)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), False, grid=grid)
     _check(qn, kn, vn, out, lse, False)
 
 
 @pytest.mark.gpu
 @sm90_only
-@pytest.mark.parametrize("persistent", GRIDS)
+def test_dynamic_scheduler_counters_reset():
+    """The dynamic grid leaves its tile counters at zero after every launch (the next launch on the
+    stream relies on it), on the default stream and on a stream of its own, for launches with fewer
+    tiles than SMs, many more, and one after another with no synchronisation between them."""
+    import cupy
+    cases = [_inputs((1, 2, 100, 64), (1, 2, 120, 64), BFLOAT16, seed=21),          # 2 tiles
+             _inputs((3, 16, 1500, 64), (3, 4, 1600, 64), BFLOAT16, seed=22)]       # 576 tiles
+    for stream in (cupy.cuda.Stream.null, cupy.cuda.Stream(non_blocking=True)):
+        with stream:
+            results = []
+            for _ in range(3):
+                for qn, kn, vn in cases:
+                    results.append(_run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), True, grid="dynamic"))
+            stream.synchronize()
+            counters = _flash_sm90._scheduler_counters(cupy.cuda.Device().id)
+            assert cupy.asnumpy(counters).tolist() == [0, 0]
+            for i, (out, lse) in enumerate(results):
+                _check(*cases[i % 2], out, lse, True)
+
+
+@pytest.mark.gpu
+@sm90_only
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_strided_and_broadcast_layouts(causal, persistent):
+def test_strided_and_broadcast_layouts(causal, grid):
     """Inputs read in place: a (B, L, H, D) tensor viewed as (B, H, L, D), K/V broadcast over a
     batch axis (stride 0), three batch axes (the leading ones looped on the host), a scale."""
     import cupy
@@ -183,19 +205,19 @@ def test_strided_and_broadcast_layouts(causal, persistent):
     # (B, L, H, D) storage viewed as (B, H, L, D)
     qn, kn, vn = _inputs((2, 300, 4, d), (2, 333, 2, d), dtype, seed=1)
     q, k, v = (cupy.asarray(a).transpose(0, 2, 1, 3) for a in (qn, kn, vn))
-    out, lse = _run(q, k, v, causal, scale=0.3, persistent=persistent)
+    out, lse = _run(q, k, v, causal, scale=0.3, grid=grid)
     _check(*(a.transpose(0, 2, 1, 3) for a in (qn, kn, vn)), out, lse, causal, scale=0.3)
     # K/V shared by every batch entry: (1, H, L, D) against q (3, H, L, D)
     qn, kn, vn = _inputs((3, 4, 200, d), (1, 2, 250, d), dtype, seed=2)
-    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, persistent=persistent)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, grid=grid)
     _check(qn, kn, vn, out, lse, causal)
     # three batch axes that cannot merge (k, v broadcast along the middle one)
     qn, kn, vn = _inputs((2, 3, 2, 2, 130, 64), (2, 1, 2, 1, 140, 64), dtype, seed=3)
-    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, persistent=persistent)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, grid=grid)
     _check(qn, kn, vn, out, lse, causal)
     # negative scale: the running max must be taken of the scaled scores
     qn, kn, vn = _inputs((1, 2, 100, 64), (1, 2, 180, 64), FLOAT16, seed=4)
-    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, scale=-0.2, persistent=persistent)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal, scale=-0.2, grid=grid)
     _check(qn, kn, vn, out, lse, causal, scale=-0.2)
 
 

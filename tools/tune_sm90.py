@@ -1,10 +1,11 @@
 """Compare the launch variants of the Hopper flash forward kernel on one H100/H200 in one call:
 
     PYTHONPATH=. python3 tools/tune_sm90.py            # compile, check, time every variant; BEST block
-    PYTHONPATH=. python3 tools/tune_sm90.py --variants persistent   # a subset
+    PYTHONPATH=. python3 tools/tune_sm90.py --variants dynamic,static   # a subset
 
-The variants are the two grids the kernel runs with: "persistent" (one block per SM looping over
-the tiles) and "block-per-tile"; `_flash_sm90.persistent_grid` encodes which one wins where.
+The variants are the grids the kernel runs with (`_flash_sm90.GRIDS`): "dynamic" and "static" (one
+block per SM, drawing tiles on demand or by a fixed stride) and "per-tile" (one block per tile);
+`_flash_sm90.grid_kind` encodes which one wins where.
 (This script also chose the consumer schedule on 2026-11-28: ping-pong between the consumer
 warpgroups plus intra-warpgroup overlap beat the plain loop and the other schedules, which were
 then removed from the kernel.)
@@ -58,30 +59,30 @@ def _compile_one(spec):
     return spec.name, ok, f"{rep.line()} {time.time() - t0:.0f}s {' '.join(flags)}{warm}"
 
 
-GRIDS = {"persistent": True, "block-per-tile": False}
+GRIDS = ("dynamic", "static", "per-tile")
 
 
 def parse_variant(variant):
-    """(persistent flag or None for the per-problem choice, {head dim: (BN, STAGES)} override).
+    """(grid name or None for the per-problem choice, {head dim: (BN, STAGES)} override).
 
-    A variant is a grid name ("persistent", "block-per-tile") or a tile configuration written
-    cfg<D>x<BN>x<STAGES> (e.g. cfg128x176x2), optionally +persistent / +block-per-tile; a
+    A variant is a grid name (GRIDS) or a tile configuration written
+    cfg<D>x<BN>x<STAGES> (e.g. cfg128x176x2), optionally +dynamic / +static / +per-tile; a
     configuration variant is checked and timed at its own head dim only."""
     if variant in GRIDS:
-        return GRIDS[variant], {}
+        return variant, {}
     cfg, _, grid = variant.partition("+")
     d, bn, stages = (int(x) for x in cfg[len("cfg"):].split("x"))
-    return (GRIDS[grid] if grid else None), {d: (bn, stages)}
+    return (grid or None), {d: (bn, stages)}
 
 
 def apply_variant(variant):
-    """Install the variant's configuration in this process; returns (persistent, head dims to run)."""
+    """Install the variant's configuration in this process; returns (grid, head dims to run)."""
     from cupyattn import _flash_sm90
-    persistent, override = parse_variant(variant)
+    grid, override = parse_variant(variant)
     _flash_sm90.CONFIGS.update(override)
     for d in override:     # the variant's tiles at every length
         _flash_sm90.LONG_CONFIGS.pop(d, None)
-    return persistent, (tuple(override) or HEAD_DIMS)
+    return grid, (tuple(override) or HEAD_DIMS)
 
 
 def step_compile(variants):
@@ -129,7 +130,7 @@ def _cases():
         (777, 1500, 64, True, 8, 2, 1, BFLOAT16, "bhld", -0.2),    # negative scale
         (200, 250, 128, False, 4, 2, 3, BFLOAT16, "kvbcast", None),  # K/V broadcast over batch
         (1000, 700, 256, True, 4, 4, 1, BFLOAT16, "bhld", 0.05),
-        (300, 310, 64, True, 8, 2, 37, FLOAT16, "bhld", None),     # 888 tiles: persistent loops
+        (300, 310, 64, True, 8, 2, 37, FLOAT16, "bhld", None),     # 888 tiles: persistent blocks loop
         (2000, 2100, 128, True, 16, 4, 4, BFLOAT16, "bhld", None), # 1024 tiles, partial m-block
         (640, 640, 256, False, 16, 16, 2, FLOAT16, "bhld", None),  # 160 tiles
         (4096, 4096, 64, False, 2, 1, 1, BFLOAT16, "bhld", None),
@@ -173,7 +174,7 @@ def child_check(variant):
     rng = np.random.default_rng(0)
     npass = nfail = 0
     worst = 0.0
-    persistent, dims = apply_variant(variant)
+    grid, dims = apply_variant(variant)
     for (lq, lk, d, causal, hq, hkv, b, dt, layout, scale) in _cases():
         if d not in dims:
             continue
@@ -185,8 +186,8 @@ def child_check(variant):
             why = _flash_sm90.supports(problem)
             if why:
                 raise RuntimeError(f"supports(): {why}")
-            out, lse = _flash_sm90.forward(problem, poison=True, persistent=persistent)
-            out2, lse2 = _flash_sm90.forward(problem, poison=True, persistent=persistent)
+            out, lse = _flash_sm90.forward(problem, poison=True, grid=grid)
+            out2, lse2 = _flash_sm90.forward(problem, poison=True, grid=grid)
             cupy.cuda.runtime.deviceSynchronize()
             q64, k64, v64 = (cupy.ascontiguousarray(a).astype(cupy.float64) for a in (q, k, v))
             ref_out, ref_lse = cupyattn.attention(q64, k64, v64, causal=causal, scale=scale,
@@ -250,14 +251,14 @@ def child_time(variant):
     import cupy
     from cupyattn import _flash_sm90
     from cupyattn._problem import normalize
-    persistent, dims = apply_variant(variant)
+    grid, dims = apply_variant(variant)
     for L in LENGTHS:
         for d in dims:
             q, k, v = _timing_inputs(L, d)
             for causal in (False, True):
                 problem = normalize(q, k, v, causal=causal)
                 try:
-                    ms = _median_ms(lambda: _flash_sm90.forward(problem, poison=False, persistent=persistent))
+                    ms = _median_ms(lambda: _flash_sm90.forward(problem, poison=False, grid=grid))
                     print(f"ROW {variant} {L} {d} {int(causal)} {ms:.5f}", flush=True)
                 except Exception as exc:  # noqa: BLE001
                     print(f"ROWFAIL {variant} {L} {d} {int(causal)} {type(exc).__name__}: {str(exc)[:150]}", flush=True)
