@@ -362,9 +362,18 @@ def _mask_cxx(mask_type) -> str:
     return _CUDA_TYPES[np.dtype(mask_type)][0]
 
 
-def softmax_spec(dtype, mask_type, recompute: bool) -> KernelSpec:
-    t = _CUDA_TYPES[np.dtype(dtype)][0]
-    return KernelSpec(SOURCE, f"chunk_softmax<{t}, {_mask_cxx(mask_type)}, {'true' if recompute else 'false'}>")
+def softmax_spec(dtype, mask_type, recompute: bool, vpt: Optional[int] = None) -> KernelSpec:
+    """The softmax step's kernel. Forward: `vpt` > 0 is the register-row kernel (each thread keeps
+    vpt 16-byte vectors of its row in registers; default `forward_vpt`), vpt = 0 the shared-memory
+    / two-pass kernel for the rows that do not fit. The recompute variant has no row to keep (0)."""
+    dtype = np.dtype(dtype)
+    t = _CUDA_TYPES[dtype][0]
+    if recompute:
+        vpt = 0
+    elif vpt is None:
+        vpt = forward_vpt(8 if dtype == FLOAT64 else 4)
+    return KernelSpec(SOURCE, f"chunk_softmax<{t}, {_mask_cxx(mask_type)}, "
+                              f"{'true' if recompute else 'false'}, {int(vpt)}>")
 
 
 def dscores_spec(dtype) -> KernelSpec:
@@ -372,23 +381,72 @@ def dscores_spec(dtype) -> KernelSpec:
 
 
 def all_specs() -> List[KernelSpec]:
-    specs = [softmax_spec(d, m, r) for d in _CUDA_TYPES for m in _MASK_TYPES for r in (False, True)]
+    """Every kernel the chunked backend may launch: per dtype and mask type the forward's register
+    rows and shared-memory / two-pass kernels, the recompute, and dscores per dtype."""
+    specs = [softmax_spec(d, m, r, v) for d in _CUDA_TYPES for m in _MASK_TYPES
+             for r, v in ((False, None), (False, 0), (True, 0))]
     return specs + [dscores_spec(d) for d in _CUDA_TYPES]
 
 
 VECTORS_PER_THREAD = 4            # 16-byte vectors each thread of a row handles (about)
 MAX_ROW_THREADS = 512
 BLOCK_THREADS = 256               # short rows: several rows per block of this many threads
+# Forward softmax, register rows: 16-byte vectors each thread keeps in registers, per accumulation
+# itemsize: 8 float4 (32 registers) or 4 double2 (16; double exp needs many more), so that the
+# kernel stays within 64 registers and two blocks of 512 threads share an SM. Rows of up to
+# MAX_ROW_THREADS * vpt vectors (16384 float scores, 4096 double) live in registers; longer rows
+# (and masks whose keys are not contiguous) use the shared-memory / two-pass kernel.
+FORWARD_VPT = {4: 8, 8: 4}
+REGISTER_ROW_MIN_THREADS = 32     # register rows are whole warps
+
+
+def forward_vpt(itemsize: int) -> int:
+    """Register vectors per thread of the forward softmax for an accumulation type of `itemsize`."""
+    return FORWARD_VPT[itemsize]
 
 
 def launch_shape(n: int, itemsize: int) -> Tuple[int, int, int]:
     """(threads per row, rows per block, 16-byte vectors per row) for rows of n accumulation-type
-    elements: a power of two of threads per row (4..512) giving each about 4 vectors."""
+    elements: a power of two of threads per row (4..512) giving each about 4 vectors. The
+    recompute and dscores kernels, and the forward's shared-memory / two-pass kernel."""
     vectors = max(1, -(-n * itemsize // 16))
     tpr = 4
     while tpr < MAX_ROW_THREADS and tpr * VECTORS_PER_THREAD < vectors:
         tpr *= 2
     return tpr, max(1, BLOCK_THREADS // tpr), vectors
+
+
+def register_launch_shape(n: int, itemsize: int, vpt: int) -> Tuple[int, int, int]:
+    """(threads per row, rows per block, vectors per row) of the forward's register rows, `vpt`
+    vectors per thread: the fewest threads (32..512, whole warps) whose registers hold the row,
+    e.g. float rows of 4096 keys: 128 threads, 2 rows per block; 16384 keys: 512 threads, one
+    row per block. Needs vectors <= 512 * vpt. (Tools may replace it to try other shapes: the
+    kernel takes any power of two >= 32 threads per row with tpr * vpt >= vectors, and blocks
+    of at most 512 threads.)"""
+    vectors = max(1, -(-n * itemsize // 16))
+    tpr = REGISTER_ROW_MIN_THREADS
+    while tpr < MAX_ROW_THREADS and tpr * vpt < vectors:
+        tpr *= 2
+    return tpr, max(1, BLOCK_THREADS // tpr), vectors
+
+
+def forward_launch(n: int, itemsize: int, vpt: int, smem_limit: int,
+                   unit_mask: bool = True) -> Tuple[int, int, int, int, bool]:
+    """The forward softmax launch on rows of n accumulation-type elements:
+    (kernel vpt, threads per row, rows per block, dynamic shared memory bytes, resident).
+
+    Register rows (kernel vpt = `vpt` > 0) when the row fits 512 threads' registers and the mask
+    (if any) has unit key stride: one read of S, no shared memory. Otherwise the vpt = 0 kernel
+    with `launch_shape`: resident rows in shared memory when they fit `smem_limit` bytes per
+    block, else two passes over S (no shared memory)."""
+    vectors = max(1, -(-n * itemsize // 16))
+    if vpt > 0 and unit_mask and vectors <= vpt * MAX_ROW_THREADS:
+        tpr, rpb, _ = register_launch_shape(n, itemsize, vpt)
+        return vpt, tpr, rpb, 0, True
+    tpr, rpb, vectors = launch_shape(n, itemsize)
+    smem = rpb * vectors * 16
+    resident = 0 < smem <= smem_limit
+    return 0, tpr, rpb, (smem if resident else 0), resident
 
 
 _smem_limits = {}
@@ -662,7 +720,7 @@ _PTR = np.uint64
 class _ChunkPlan:
     """Everything a chunk of one shape (hh, gg, rr, n) needs but its addresses: the products'
     plans and the fused steps' launch shapes and shape-dependent arguments."""
-    __slots__ = ("gemms", "grid", "block", "smem", "n_pitch", "rows", "tail", "d_grid", "d_block", "d_tail")
+    __slots__ = ("gemms", "fn", "grid", "block", "smem", "n_pitch", "rows", "tail", "d_grid", "d_block", "d_tail")
 
 
 class _CupySteps:
@@ -675,7 +733,9 @@ class _CupySteps:
         self.ct, self.dt = problem.compute_dtype, problem.dtype
         mask_type = None if problem.mask is None else (
             "bool" if problem.mask_kind == "bool" else np.dtype(problem.mask.dtype))
-        self.f_softmax = self.dev.function(softmax_spec(problem.dtype, mask_type, False))
+        self.mask_type = mask_type
+        self.vpt = forward_vpt(self.ct.itemsize)
+        self.f_softmax = {}             # kernel vpt -> forward softmax kernel (compiled when first planned)
         self.f_recompute = self.dev.function(softmax_spec(problem.dtype, mask_type, True))
         self.f_dscores = self.dev.function(dscores_spec(problem.dtype))
         self.scale = self.ct.type(problem.scale)
@@ -695,17 +755,27 @@ class _CupySteps:
     def _strides_args(self, t: Optional[_Tensor], count: int) -> tuple:
         return tuple(np.int64(s) for s in (t.strides[:count] if t is not None else (0,) * count))
 
-    def _launch_plan(self, c: _ChunkPlan, fn, cshape, n, recompute: bool) -> None:
-        """Launch shape and shape-dependent arguments of the softmax step (and of dscores, which
-        has the same row shape)."""
+    def _softmax_function(self, vpt: int):
+        fn = self.f_softmax.get(vpt)
+        if fn is None:
+            fn = self.f_softmax[vpt] = self.dev.function(softmax_spec(self.dt, self.mask_type, False, vpt))
+        return fn
+
+    def _launch_plan(self, c: _ChunkPlan, cshape, n, recompute: bool, unit_mask: bool = True) -> None:
+        """Launch shape, kernel and shape-dependent arguments of the softmax step (and of dscores,
+        which has the same row shape in the backward)."""
         hh, gg, rr = cshape
         rows = hh * gg * rr
-        tpr, rpb, vectors = launch_shape(n, self.ct.itemsize)
-        smem = 0 if recompute else rpb * vectors * 16
-        resident = 0 < smem <= self.dev.smem_limit
-        if resident:
-            self.dev.allow_shared_memory(fn, smem)
-        c.grid, c.block, c.smem = (-(-rows // rpb),), (rpb * tpr,), (smem if resident else 0)
+        if recompute:
+            tpr, rpb, _ = launch_shape(n, self.ct.itemsize)
+            c.fn, smem, resident = self.f_recompute, 0, False
+        else:
+            vpt, tpr, rpb, smem, resident = forward_launch(n, self.ct.itemsize, self.vpt, self.dev.smem_limit,
+                                                           unit_mask)
+            c.fn = self._softmax_function(vpt)
+            if smem:
+                self.dev.allow_shared_memory(c.fn, smem)
+        c.grid, c.block, c.smem = (-(-rows // rpb),), (rpb * tpr,), smem
         c.n_pitch = (np.int64(n), np.int64(row_pitch(n)))
         c.rows = (np.int64(rows), np.int64(gg), np.int64(rr))
         c.tail = (self.scale, np.int32(tpr), np.int32(resident))
@@ -735,6 +805,7 @@ class _CupySteps:
         lse_st, mask_st = self._strides_args(ls, 3), self._strides_args(m, 4)
         causal_shift = problem.len_k - problem.len_q            # causal_offset = r0 + this
         causal = np.int32(problem.causal)
+        unit_mask = m is None or m.strides[3] == 1     # register rows read the mask's keys contiguously
         plans = {}
 
         def plan(key):
@@ -745,11 +816,11 @@ class _CupySteps:
                           _block_operand((hh, gg, rr), n, ct), False),
                 plan_gemm(_block_operand((hh, gg, rr), n, dt), v.operand((hh, 1, n, dv), d_type),
                           o.operand((hh, gg, rr, dv), d_type), False))
-            self._launch_plan(c, self.f_softmax, (hh, gg, rr), n, recompute=False)
+            self._launch_plan(c, (hh, gg, rr), n, recompute=False, unit_mask=unit_mask)
             plans[key] = c
             return c
 
-        gemm, launch, fn = self._run_gemm, dev.launch, self.f_softmax
+        gemm, launch = self._run_gemm, dev.launch
 
         def run(bi, chunks):
             qb, kb, vb, ob, lb = q.base(bi), k.base(bi), v.base(bi), o.base(bi), ls.base(bi)
@@ -762,7 +833,7 @@ class _CupySteps:
                 gemm(qk, qb + h0 * q.bh + g0 * q.bg + r0 * q.br, kb + h0 * k.bh, s_ptr)
                 # P = softmax step(S), lse
                 mask_ptr = 0 if m is None else mb + h0 * m.bh + g0 * m.bg + r0 * m.br
-                launch("softmax", fn, c.grid, c.block,
+                launch("softmax", c.fn, c.grid, c.block,
                        (s_arg,) + c.n_pitch + (p_arg, _PTR(lb + h0 * ls.bh + g0 * ls.bg + r0 * ls.br))
                        + lse_st + (_PTR(mask_ptr),) + mask_st + c.rows
                        + (np.int64(r0 + causal_shift), causal) + c.tail,
@@ -814,7 +885,7 @@ class _CupySteps:
                 # dK += dS^T Q_c (summed over the group)
                 plan_gemm(_block_operand(rows_q, n, dt, transpose=True), q.operand(rows_q + (d,), d_type),
                           gk.operand(rows_k + (d,), c_type), True))
-            self._launch_plan(c, self.f_recompute, rows_q, n, recompute=True)
+            self._launch_plan(c, rows_q, n, recompute=True)
             plans[key] = c
             return c
 

@@ -10,23 +10,31 @@
 // (ih, ig, ir[, column]); broadcast axes have stride 0 and are never expanded.
 //
 // Launch shape (all kernels): `tpr` threads per row (a power of two, <= 512), blockDim.x / tpr
-// rows per block, grid = ceil(rows / (blockDim.x / tpr)). Each thread handles the vectors
-// lane, lane + tpr, ... of its row (VW = 16 / sizeof(A) elements per vector).
+// rows per block (blockDim.x <= 512), grid = ceil(rows / (blockDim.x / tpr)). Each thread handles
+// the vectors lane, lane + tpr, ... of its row (N = 16 / sizeof(A) elements per vector), except
+// in the forward's register rows (below).
 //
-// chunk_softmax<T, MaskT, RECOMPUTE>:
+// chunk_softmax<T, MaskT, RECOMPUTE, VPT>:
 //   s = S * scale (+ bias); hidden keys (causal: key j > ir + causal_offset; bool mask false) = -inf
 //   forward   (RECOMPUTE=false): P = exp(s - max) * (1 / sum), lse = max + log(sum)
-//     resident = 1: S is read once into dynamic shared memory (rows_per_block * nv * 16 bytes),
-//       then max, exp/sum and the P write run from shared memory.
-//     resident = 0 (rows too long for shared memory): online max/sum over S, then a second
-//       read of S writes P.
-//   recompute (RECOMPUTE=true):  P = exp(s - lse) from the saved lse (backward), one pass.
+//     VPT > 0, register rows: the row lives in registers, VPT vectors per thread (the host
+//       guarantees nv <= VPT * tpr, tpr >= 32 and, with a mask, unit key stride m_sk == 1;
+//       `resident` is ignored). Warp w of the row holds vectors w*32*VPT + i*32 + (lane & 31),
+//       i < VPT: every load issues at once (fixed offsets from one address, 512 contiguous bytes
+//       per warp and instruction), then the max (one reduction), exp and sum (one reduction) in
+//       registers and the P write. One read of S, no shared memory but the reductions'.
+//     VPT = 0, rows too long for the registers (or masks with other key strides):
+//       resident = 1: S is read once into dynamic shared memory (rows_per_block * nv * 16
+//         bytes), then max, exp/sum and the P write run from shared memory.
+//       resident = 0 (rows too long for shared memory): online max/sum over S, then a second
+//         read of S writes P.
+//   recompute (RECOMPUTE=true, VPT = 0): P = exp(s - lse) from the saved lse (backward), one pass.
 //   Rows with no visible key give P = 0 and lse = -inf; NaN propagates like the eager backend
 //   (a NaN score makes the row's sum, P and lse NaN). Scores of keys a row cannot see are not
 //   read (vectors entirely above the causal diagonal are skipped); P is written for every key
 //   j < n_keys (zeros where hidden), as the next product reads the whole block.
 //   P is written in T (the input dtype); it may alias S when T is the accumulation type
-//   (each element is read and written by the same thread).
+//   (each element is read and written by the same thread, every read before any write).
 // chunk_dscores<T>: delta = sum_d dO*O, dS = P * (dP - delta) * scale, written in T over P
 //   (same element, same thread).
 #include <cuda_fp16.h>
@@ -35,6 +43,8 @@
 namespace chunked {
 
 struct NoMask {};
+template <typename M> struct IsNoMask { static constexpr bool value = false; };
+template <> struct IsNoMask<NoMask> { static constexpr bool value = true; };
 
 template <typename T> struct Acc { typedef float type; };
 template <> struct Acc<double> { typedef double type; };
@@ -142,7 +152,8 @@ __device__ __forceinline__ A shfl_xor(A v, int lane_mask) { return __shfl_xor_sy
 
 // Reductions over the tpr threads of one row (tpr a power of two; groups never straddle a warp
 // when tpr < 32, and are whole warps when tpr >= 32). Every thread of the block must call them
-// (they synchronise the block when tpr > 32); `red` holds one value per warp.
+// (they synchronise the block once when tpr > 32); `red` holds one value per warp and serves
+// ONE reduction per kernel launch (no barrier before its writes: give each reduction its own).
 struct SumOp {
     template <typename A> __device__ __forceinline__ static A op(A a, A b) { return a + b; }
 };
@@ -155,7 +166,6 @@ __device__ __forceinline__ A group_reduce(A v, int tpr, A* red) {
     for (int o = (tpr < 32 ? tpr : 32) >> 1; o > 0; o >>= 1) v = Op::op(v, shfl_xor(v, o));
     if (tpr <= 32) return v;
     const int warp = threadIdx.x >> 5, wpr = tpr >> 5, first = (warp / wpr) * wpr;
-    __syncthreads();                           // red may still be read from a previous reduction
     if ((threadIdx.x & 31) == 0) red[warp] = v;
     __syncthreads();
     v = red[first];
@@ -168,7 +178,6 @@ __device__ __forceinline__ void group_max_sum(A& m, A& l, int tpr, A* red_m, A* 
     for (int o = (tpr < 32 ? tpr : 32) >> 1; o > 0; o >>= 1) online_merge(m, l, shfl_xor(m, o), shfl_xor(l, o));
     if (tpr <= 32) return;
     const int warp = threadIdx.x >> 5, wpr = tpr >> 5, first = (warp / wpr) * wpr;
-    __syncthreads();
     if ((threadIdx.x & 31) == 0) { red_m[warp] = m; red_l[warp] = l; }
     __syncthreads();
     m = red_m[first];
@@ -194,27 +203,63 @@ struct RowPos {
     }
 };
 
-// The visible scores of vector `v` (elements j = v*N .. v*N+N-1) of a row: -inf beyond n_vis.
-template <typename MaskT, typename A, int N>
-__device__ __forceinline__ void visible_vec(A (&e)[N], const A* s_row, int v, int n_vis,
-                                            A scale, const MaskT* mask, long long m_base, long long m_sk) {
-    const int j0 = v * N;
-    if (j0 < n_vis) {
-        load_vec(s_row + j0, e);
-#pragma unroll
-        for (int i = 0; i < N; ++i)
-            e[i] = (j0 + i < n_vis) ? MaskOp<MaskT, A>::apply(e[i] * scale, mask, m_base + (long long)(j0 + i) * m_sk)
-                                    : neg_inf<A>();
+// The raw scores of vector `v` (elements j = v*N .. v*N+N-1) of a row, or -inf (not read) when
+// the whole vector lies at or beyond n_vis (hidden by the causal rule, or past the row).
+template <typename A, int N>
+__device__ __forceinline__ void load_scores(A (&e)[N], const A* s_row, int v, int n_vis) {
+    if (v * N < n_vis) {
+        load_vec(s_row + v * N, e);
     } else {
 #pragma unroll
         for (int i = 0; i < N; ++i) e[i] = neg_inf<A>();
     }
 }
 
+// Raw scores of vector `v` -> visible scores: scale, mask/bias, -inf at or beyond n_vis.
+template <typename MaskT, typename A, int N>
+__device__ __forceinline__ void make_visible(A (&e)[N], int v, int n_vis, A scale, const MaskT* mask,
+                                             long long m_base, long long m_sk) {
+    const int j0 = v * N;
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+        e[i] = (j0 + i < n_vis) ? MaskOp<MaskT, A>::apply(e[i] * scale, mask, m_base + (long long)(j0 + i) * m_sk)
+                                : neg_inf<A>();
+}
+
+// The visible scores of vector `v` of a row: -inf beyond n_vis.
+template <typename MaskT, typename A, int N>
+__device__ __forceinline__ void visible_vec(A (&e)[N], const A* s_row, int v, int n_vis,
+                                            A scale, const MaskT* mask, long long m_base, long long m_sk) {
+    load_scores<A, N>(e, s_row, v, n_vis);
+    make_visible<MaskT, A, N>(e, v, n_vis, scale, mask, m_base, m_sk);
+}
+
+// Register rows: raw scores -> visible scores of a thread's VPT vectors (first + i * 32), and
+// their maximum. The mask's keys are contiguous (m_sk == 1: the host sends other masks to the
+// shared-memory kernel), so that a thread's mask elements lie at fixed offsets from `m_row`.
+template <typename MaskT, typename A, int N, int VPT>
+__device__ __forceinline__ A visible_regs(A (&e)[VPT][N], int first, int n_vis, A scale, const MaskT* m_row) {
+    A mx = neg_inf<A>();
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+        const int j0 = (first + i * 32) * N;
+        const int count = n_vis - j0;                 // visible elements of this vector (may be <= 0)
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            e[i][k] = (k < count) ? MaskOp<MaskT, A>::apply(e[i][k] * scale, m_row, j0 + k) : neg_inf<A>();
+            mx = acc_max(mx, e[i][k]);
+        }
+    }
+    return mx;
+}
+
 }  // namespace chunked
 
-template <typename T, typename MaskT, bool RECOMPUTE>
-__global__ void __launch_bounds__(512, 1) chunk_softmax(
+template <typename T, typename MaskT, bool RECOMPUTE, int VPT>
+// Register rows (VPT > 0, float accumulation): at most 64 registers, so that two blocks of 512
+// threads (or four of 256) share an SM.
+__global__ void __launch_bounds__(512, (!RECOMPUTE && VPT > 0 && VPT * sizeof(typename chunked::Acc<T>::type) <= 32) ? 2 : 1)
+chunk_softmax(
         typename chunked::Acc<T>::type* S, long long n_keys, long long pitch, T* P,
         typename chunked::Acc<T>::type* lse, long long lse_sh, long long lse_sg, long long lse_sr,
         const MaskT* mask, long long m_sh, long long m_sg, long long m_sr, long long m_sk,
@@ -224,7 +269,7 @@ __global__ void __launch_bounds__(512, 1) chunk_softmax(
     typedef typename Acc<T>::type A;
     constexpr int N = Vec<A>::N;
     constexpr int UNROLL = sizeof(A) == 8 ? 1 : 4;   // loads in flight per thread (double: exp is large)
-    extern __shared__ __align__(16) unsigned char dyn_smem[];
+    static_assert(VPT >= 0 && !(RECOMPUTE && VPT > 0), "VPT: register vectors per thread of the forward");
     __shared__ A red_m[32];
     __shared__ A red_l[32];
 
@@ -232,17 +277,20 @@ __global__ void __launch_bounds__(512, 1) chunk_softmax(
     const A* s_row = S + pos.row * pitch;
     T* p_row = P + pos.row * pitch;
     const long long m_base = pos.ih * m_sh + pos.ig * m_sg + pos.ir * m_sr;
-    const long long lse_off = pos.ih * lse_sh + pos.ig * lse_sg + pos.ir * lse_sr;
+    A* lse_at = lse + (pos.ih * lse_sh + pos.ig * lse_sg + pos.ir * lse_sr);
     // keys j <= last_visible are visible under the causal rule
     const long long last_visible = causal ? pos.ir + causal_offset : n_keys - 1;
-    const int n_vis = (int)(last_visible + 1 < n_keys ? (last_visible + 1 < 0 ? 0 : last_visible + 1) : n_keys);
-    // vectors of this row (0 for the padding rows of the last block, which only join reductions)
+    // keys j < n_vis may be visible (0 for the padding rows of the last block: they read nothing
+    // and only join reductions)
+    const int n_vis = !pos.valid ? 0
+        : (int)(last_visible + 1 < n_keys ? (last_visible + 1 < 0 ? 0 : last_visible + 1) : n_keys);
+    // vectors of this row (0 for the padding rows)
     const int row_vecs = (int)((n_keys + N - 1) / N);
     const int nv = pos.valid ? row_vecs : 0;
 
-    if (RECOMPUTE) {
+    if constexpr (RECOMPUTE) {
         if (!pos.valid) return;
-        const A l = lse[lse_off];
+        const A l = *lse_at;
         const A shift = (l == neg_inf<A>()) ? (A)0 : l;
 #pragma unroll UNROLL
         for (int v = pos.lane; v < nv; v += tpr) {
@@ -252,64 +300,92 @@ __global__ void __launch_bounds__(512, 1) chunk_softmax(
             for (int i = 0; i < N; ++i) e[i] = acc_exp(e[i] - shift);
             store_vec(p_row + v * N, e);
         }
-        return;
-    }
-
-    A shift, denom, row_sum;
-    if (resident) {
-        // one read of S: the row's visible scores stay in shared memory
-        A* buf = reinterpret_cast<A*>(dyn_smem) + pos.slot * row_vecs * N;
-        A mx = neg_inf<A>();
-#pragma unroll UNROLL
-        for (int v = pos.lane; v < nv; v += tpr) {
-            A e[N];
-            visible_vec<MaskT, A, N>(e, s_row, v, n_vis, scale, mask, m_base, m_sk);
+    } else if constexpr (VPT > 0) {
+        // Register rows: the whole row in registers (the host guarantees nv <= VPT * tpr and
+        // tpr >= 32). Warp w of the row holds vectors w * 32 * VPT + i * 32 + (lane & 31), i < VPT:
+        // each load instruction of a warp reads 512 contiguous bytes, and a thread's vectors lie
+        // at fixed offsets from one address. One read of S, two reductions, one write of P.
+        if (tpr < 32 || (!IsNoMask<MaskT>::value && m_sk != 1)) __trap();
+        const int first = (pos.lane >> 5) * (32 * VPT) + (pos.lane & 31);
+        A e[VPT][N];
 #pragma unroll
-            for (int i = 0; i < N; ++i) mx = acc_max(mx, e[i]);
-            store_vec(buf + v * N, e);
-        }
+        for (int i = 0; i < VPT; ++i) load_scores<A, N>(e[i], s_row, first + i * 32, n_vis);
+        A mx = visible_regs<MaskT, A, N, VPT>(e, first, n_vis, scale, mask + m_base);
         mx = group_reduce<MaxOp>(mx, tpr, red_m);     // never NaN (fmax ignores NaN)
-        shift = (mx == neg_inf<A>()) ? (A)0 : mx;
+        const A shift = (mx == neg_inf<A>()) ? (A)0 : mx;
         A sum = (A)0;
-        for (int v = pos.lane; v < nv; v += tpr) {       // the elements this thread wrote
-            A e[N];
-            load_vec(buf + v * N, e);
 #pragma unroll
-            for (int i = 0; i < N; ++i) { e[i] = acc_exp(e[i] - shift); sum += e[i]; }   // NaN stays NaN
-            store_vec(buf + v * N, e);
-        }
-        row_sum = group_reduce<SumOp>(sum, tpr, red_l);
-        denom = (row_sum == (A)0) ? (A)1 : row_sum;
-        const A inv = (A)1 / denom;
-        for (int v = pos.lane; v < nv; v += tpr) {
-            A e[N];
-            load_vec(buf + v * N, e);
+        for (int i = 0; i < VPT; ++i)
 #pragma unroll
-            for (int i = 0; i < N; ++i) e[i] = e[i] * inv;
-            store_vec(p_row + v * N, e);
+            for (int k = 0; k < N; ++k) { e[i][k] = acc_exp(e[i][k] - shift); sum += e[i][k]; }   // hidden: 0, NaN stays NaN
+        const A row_sum = group_reduce<SumOp>(sum, tpr, red_l);
+        const A inv = (A)1 / ((row_sum == (A)0) ? (A)1 : row_sum);
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+            const int v = first + i * 32;
+            if (v < nv) {
+#pragma unroll
+                for (int k = 0; k < N; ++k) e[i][k] = e[i][k] * inv;
+                store_vec(p_row + v * N, e[i]);
+            }
         }
+        if (pos.valid && pos.lane == 0) *lse_at = shift + acc_log(row_sum);
     } else {
-        A m = neg_inf<A>(), l = (A)0;
-        for (int v = pos.lane; v < nv; v += tpr) {
-            A e[N];
-            visible_vec<MaskT, A, N>(e, s_row, v, n_vis, scale, mask, m_base, m_sk);
+        A shift, row_sum;
+        if (resident) {
+            // one read of S: the row's visible scores stay in shared memory
+            extern __shared__ __align__(16) unsigned char dyn_smem[];
+            A* buf = reinterpret_cast<A*>(dyn_smem) + pos.slot * row_vecs * N;
+            A mx = neg_inf<A>();
+#pragma unroll UNROLL
+            for (int v = pos.lane; v < nv; v += tpr) {
+                A e[N];
+                visible_vec<MaskT, A, N>(e, s_row, v, n_vis, scale, mask, m_base, m_sk);
 #pragma unroll
-            for (int i = 0; i < N; ++i) online_add(m, l, e[i]);
-        }
-        group_max_sum(m, l, tpr, red_m, red_l);
-        shift = (m == neg_inf<A>()) ? (A)0 : m;
-        row_sum = l;
-        denom = (l == (A)0) ? (A)1 : l;
-        const A inv = (A)1 / denom;
-        for (int v = pos.lane; v < nv; v += tpr) {
-            A e[N];
-            visible_vec<MaskT, A, N>(e, s_row, v, n_vis, scale, mask, m_base, m_sk);
+                for (int i = 0; i < N; ++i) mx = acc_max(mx, e[i]);
+                store_vec(buf + v * N, e);
+            }
+            mx = group_reduce<MaxOp>(mx, tpr, red_m);     // never NaN (fmax ignores NaN)
+            shift = (mx == neg_inf<A>()) ? (A)0 : mx;
+            A sum = (A)0;
+            for (int v = pos.lane; v < nv; v += tpr) {       // the elements this thread wrote
+                A e[N];
+                load_vec(buf + v * N, e);
 #pragma unroll
-            for (int i = 0; i < N; ++i) e[i] = acc_exp(e[i] - shift) * inv;
-            store_vec(p_row + v * N, e);
+                for (int i = 0; i < N; ++i) { e[i] = acc_exp(e[i] - shift); sum += e[i]; }   // NaN stays NaN
+                store_vec(buf + v * N, e);
+            }
+            row_sum = group_reduce<SumOp>(sum, tpr, red_l);
+            const A inv = (A)1 / ((row_sum == (A)0) ? (A)1 : row_sum);
+            for (int v = pos.lane; v < nv; v += tpr) {
+                A e[N];
+                load_vec(buf + v * N, e);
+#pragma unroll
+                for (int i = 0; i < N; ++i) e[i] = e[i] * inv;
+                store_vec(p_row + v * N, e);
+            }
+        } else {
+            A m = neg_inf<A>(), l = (A)0;
+            for (int v = pos.lane; v < nv; v += tpr) {
+                A e[N];
+                visible_vec<MaskT, A, N>(e, s_row, v, n_vis, scale, mask, m_base, m_sk);
+#pragma unroll
+                for (int i = 0; i < N; ++i) online_add(m, l, e[i]);
+            }
+            group_max_sum(m, l, tpr, red_m, red_l);
+            shift = (m == neg_inf<A>()) ? (A)0 : m;
+            row_sum = l;
+            const A inv = (A)1 / ((l == (A)0) ? (A)1 : l);
+            for (int v = pos.lane; v < nv; v += tpr) {
+                A e[N];
+                visible_vec<MaskT, A, N>(e, s_row, v, n_vis, scale, mask, m_base, m_sk);
+#pragma unroll
+                for (int i = 0; i < N; ++i) e[i] = acc_exp(e[i] - shift) * inv;
+                store_vec(p_row + v * N, e);
+            }
         }
+        if (pos.valid && pos.lane == 0) *lse_at = shift + acc_log(row_sum);
     }
-    if (pos.valid && pos.lane == 0) lse[lse_off] = shift + acc_log(row_sum);
 }
 
 template <typename T>

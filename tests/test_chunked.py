@@ -19,6 +19,7 @@ from reference import as_float64, reference_attention, reference_backward, rel_e
 from strategies import ALL_DTYPES, Case, cases, lse_tolerance, make_inputs, tolerance
 
 F64 = np.dtype(np.float64)
+BF16 = np.dtype(cupyattn.bfloat16)
 
 
 def budget_for_rows(case, rows, direction="forward"):
@@ -201,6 +202,47 @@ def test_row_tile_and_pitch():
             assert vectors * 16 >= n * itemsize and vectors * 16 <= _chunked.row_pitch(n) * itemsize
 
 
+@pytest.mark.parametrize("itemsize", (4, 8))
+def test_forward_launch_regimes(itemsize):
+    """The forward softmax's kernel choice: register rows (whole warps, the row within their
+    registers, no shared memory) up to 512 threads' registers and with unit mask key stride, else
+    the shared-memory kernel (rows within the limit) or its two-pass mode."""
+    vpt = _chunked.forward_vpt(itemsize)
+    limit = 200 << 10
+    longest = 512 * vpt * 16 // itemsize                       # keys of the longest register row
+    assert longest == (16384 if itemsize == 4 else 4096)
+    for n in (1, 3, 8, 100, 257, 1000, 4096, 4097, longest - 1, longest, longest + 1, 3 * longest, 10**6):
+        vectors = -(-n * itemsize // 16)
+        for unit_mask in (True, False):
+            kvpt, tpr, rpb, smem, resident = _chunked.forward_launch(n, itemsize, vpt, limit, unit_mask)
+            assert tpr & (tpr - 1) == 0 and rpb * tpr <= 512 and rpb >= 1
+            if unit_mask and n <= longest:
+                assert kvpt == vpt and resident and smem == 0
+                assert 32 <= tpr <= 512 and tpr * vpt >= vectors
+                assert tpr == 32 or tpr * vpt < 2 * vectors          # the fewest threads that hold the row
+                assert rpb == max(1, _chunked.BLOCK_THREADS // tpr)
+            else:
+                assert kvpt == 0 and (tpr, rpb, vectors) == _chunked.launch_shape(n, itemsize)
+                assert resident == (rpb * vectors * 16 <= limit)
+                assert smem == (rpb * vectors * 16 if resident else 0)
+        assert _chunked.forward_launch(n, itemsize, 0, limit)[0] == 0          # register rows off
+    # the measured shapes: bf16 rows of 4k and 16k keys
+    assert _chunked.forward_launch(4096, 4, 8, limit) == (8, 128, 2, 0, True)
+    assert _chunked.forward_launch(16384, 4, 8, limit) == (8, 512, 1, 0, True)
+
+
+def test_kernel_specs_cover_every_launch():
+    specs = {s.name for s in _chunked.all_specs()}
+    assert len(specs) == len(_chunked.all_specs()) == 3 * 4 * 6 + 4
+    for dtype in _chunked._CUDA_TYPES:
+        vpt = _chunked.forward_vpt(8 if dtype == np.float64 else 4)
+        for mask in _chunked._MASK_TYPES:
+            for kvpt in (vpt, 0):
+                assert _chunked.softmax_spec(dtype, mask, False, kvpt).name in specs
+            assert _chunked.softmax_spec(dtype, mask, False).name == _chunked.softmax_spec(dtype, mask, False, vpt).name
+            assert _chunked.softmax_spec(dtype, mask, True).name in specs
+
+
 @pytest.mark.parametrize("case", GRAD_CASES[1:4] + [
     Case(batch=(2,), heads_q=4, heads_kv=4, len_q=40, len_k=40, causal=True, head_dim=16, head_dim_v=16),
     Case(heads_q=2, heads_kv=1, len_q=33, len_k=50, causal=True, mask="bool", head_dim=8, head_dim_v=8)])
@@ -306,6 +348,8 @@ def test_peak_memory_under_budget():
 
 
 @pytest.mark.parametrize("spec", [_chunked.softmax_spec(np.float16, "bool", False),
+                                  _chunked.softmax_spec(cupyattn.bfloat16, np.dtype(np.float32), False),
+                                  _chunked.softmax_spec(np.float32, "bool", False, 0),
                                   _chunked.softmax_spec(np.float64, np.dtype(np.float32), True),
                                   _chunked.dscores_spec(cupyattn.bfloat16)], ids=lambda s: s.name)
 def test_kernels_compile_without_spills(spec):
@@ -317,6 +361,178 @@ def test_kernels_compile_without_spills(spec):
         pytest.skip(f"NVRTC unavailable: {exc}")
     assert report.ok, report.log
     assert not report.spills, report.line()
+
+
+# ---------------------------------------------------------------------------------------------
+# The softmax kernel on its own (GPU): every launch regime of the forward (register rows of each
+# width, shared-memory rows, two passes, masks with other key strides) and the recompute, against a
+# float64 softmax of the same scores, with causal limits (rows that see nothing, rows cut by the
+# diagonal), bool masks with fully masked rows, biases, a NaN score, padding rows in the last block
+# and odd lse strides.
+
+_SOFTMAX_REGIMES = {
+    # name: ({accumulation itemsize: keys}, shared-memory limit, expected (kernel vpt > 0, resident))
+    "regs-tiny": ({4: 5, 8: 3}, 200 << 10, (True, True)),              # 32 threads, a few vectors used
+    "regs-warp": ({4: 700, 8: 250}, 200 << 10, (True, True)),          # one warp per row, 8 rows per block
+    "regs-2rows": ({4: 3001, 8: 1500}, 200 << 10, (True, True)),       # several warps, 2 / 1 rows per block
+    "regs-4k": ({4: 4096, 8: 1024}, 200 << 10, (True, True)),
+    "regs-512": ({4: 16384, 8: 4096}, 200 << 10, (True, True)),        # 512 threads, every register used
+    "smem": ({4: 16390, 8: 4100}, 200 << 10, (False, True)),           # just too long for registers
+    "two-pass": ({4: 16390, 8: 4100}, 1024, (False, False)),
+    "strided-mask": ({4: 300, 8: 300}, 200 << 10, None),               # mask keys not contiguous: smem kernel
+}
+
+
+def _softmax_case(xp, dtype, mask_kind, regime, causal, vpt=None, seed=0):
+    """Launch the forward softmax (and the recompute from its lse) on random scores; return the
+    results and a float64 reference (NumPy arrays). On CuPy the kernels run; on NumPy the same
+    launches (planning, arguments, strides) go to `EmulatedDevice`, which checks them and emulates
+    the kernels, so that CI checks this harness and the planning."""
+    dtype = np.dtype(dtype)
+    acc = np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+    keys, limit, expect = _SOFTMAX_REGIMES[regime]
+    n = keys[acc.itemsize]
+    nh, ng, nr = 2, 2, 7                  # 28 rows: the last block of short rows is partly padding
+    rows, pitch, scale = nh * ng * nr, _chunked.row_pitch(n), 0.7
+    rng = np.random.default_rng(seed)
+    s_host = (3 * rng.standard_normal((rows + 2, pitch))).astype(acc)     # 2 rows past the chunk
+    s_host[3, 1] = np.nan                 # row 3 (ir 3) sees key 1 unless masked or causal offset < -2
+    offset = {None: 0, "early": -2, "late": max(2, n - nr - 40)}[causal]  # early: rows 0, 1 see nothing
+    mask = mask_host = None
+    if mask_kind is not None:
+        if mask_kind == "bool":
+            base = rng.random((nh, 1, nr, n)) < 0.7
+            base[:, :, 2] = False                                           # fully masked rows
+        else:
+            base = rng.standard_normal((nh, 1, nr, n)).astype(mask_kind)
+        mask_host = np.broadcast_to(base, (nh, ng, nr, n))                  # group stride 0
+    if xp is np:
+        dev = EmulatedDevice(types.SimpleNamespace(compute_dtype=acc), smem_limit=limit)
+        address, to_dev, to_host = dev.ptr, np.array, np.asarray
+
+        def launch(spec, grid, block, args, smem):
+            if smem:
+                dev.allow_shared_memory(spec.name, smem)
+            dev.launch("softmax", spec.name, grid, block, args, smem, rows * n)
+    else:
+        from cupyattn import _kernels
+        address, to_dev, to_host = (lambda a: a.data.ptr), xp.asarray, xp.asnumpy
+
+        def launch(spec, grid, block, args, smem):
+            fn = _kernels.get_function(spec)
+            if smem:
+                _kernels.set_dynamic_shared_memory(fn, smem)
+            fn(grid, block, args, shared_mem=smem)
+    if mask_host is not None:
+        base_dev = to_dev(mask_host[:, :1])
+        if regime == "strided-mask":
+            base_dev = xp.asfortranarray(base_dev)
+        mask = xp.broadcast_to(base_dev, (nh, ng, nr, n))
+    m_st = (0,) * 4 if mask is None else tuple(st // mask.itemsize for st in mask.strides)
+    unit_mask = mask is None or m_st[3] == 1
+    vpt = _chunked.forward_vpt(acc.itemsize) if vpt is None else vpt
+    kvpt, tpr, rpb, smem, resident = _chunked.forward_launch(n, acc.itemsize, vpt, limit, unit_mask)
+    if expect is not None:
+        assert (kvpt > 0, resident) == expect
+    elif mask is not None:
+        assert kvpt == 0 and m_st[3] != 1
+    mask_type = None if mask is None else ("bool" if mask_kind == "bool" else np.dtype(mask_kind))
+    aliased = dtype == acc                # P written over S, as the package does for float / double
+    p_host = np.full((rows + 2, pitch), 5, dtype)
+    S = to_dev(s_host)
+    P = S if aliased else to_dev(p_host)
+    lse = to_dev(np.full((nh, nr, ng), 9.0, acc)).transpose(0, 2, 1)       # odd strides
+    ptr, i64, i32 = np.uint64, np.int64, np.int32
+
+    def args(tpr_, resident_):
+        return ((ptr(address(S)), i64(n), i64(pitch), ptr(address(P)), ptr(address(lse)))
+                + tuple(i64(st // lse.itemsize) for st in lse.strides)
+                + (ptr(0 if mask is None else address(mask)),) + tuple(i64(st) for st in m_st)
+                + (i64(rows), i64(ng), i64(nr), i64(offset), i32(causal is not None), acc.type(scale),
+                   i32(tpr_), i32(resident_)))
+
+    launch(_chunked.softmax_spec(dtype, mask_type, False, kvpt), (-(-rows // rpb),), (rpb * tpr,),
+           args(tpr, int(resident)), smem)
+    p_fwd, lse_fwd = to_host(P).copy(), to_host(lse).copy()
+    # the recompute (backward) from the forward's lse, on the same scores
+    S = to_dev(s_host)
+    P = S if aliased else to_dev(p_host)
+    r_tpr, r_rpb, _ = _chunked.launch_shape(n, acc.itemsize)
+    launch(_chunked.softmax_spec(dtype, mask_type, True), (-(-rows // r_rpb),), (r_rpb * r_tpr,),
+           args(r_tpr, 0), 0)
+    p_rec = to_host(P).copy()
+
+    # float64 reference from the same rounded inputs (the kernel scales and adds in the accumulation type)
+    ih, ig, ir = np.unravel_index(np.arange(rows), (nh, ng, nr))
+    s = s_host[:rows, :n] * acc.type(scale)
+    if mask_host is not None:
+        m = mask_host[ih, ig, ir]
+        s = np.where(m, s, -np.inf) if mask_kind == "bool" else s + m.astype(acc)
+    s = s.astype(np.float64)
+    if causal is not None:
+        s = np.where(np.arange(n)[None, :] > (ir + offset)[:, None], -np.inf, s)
+    with np.errstate(all="ignore"):
+        mx = np.fmax.reduce(s, axis=1)
+        shift = np.where(np.isneginf(mx), 0, mx)
+        e = np.exp(s - shift[:, None])
+        total = e.sum(axis=1)
+        p_ref = e / np.where(total == 0, 1, total)[:, None]
+        lse_ref = shift + np.log(total)
+    return dict(p=p_fwd, p_rec=p_rec, lse=lse_fwd[ih, ig, ir], p_ref=p_ref, lse_ref=lse_ref, rows=rows, n=n,
+                s_host=s_host, aliased=aliased, kvpt=kvpt)
+
+
+def _check_softmax_case(r, dtype):
+    dtype = np.dtype(dtype)
+    rtol, atol = {np.dtype(np.float16): (2e-3, 2e-7), BF16: (1e-2, 1e-30),
+                  np.dtype(np.float32): (3e-5, 1e-30), F64: (1e-11, 1e-300)}[dtype]
+    rows, n = r["rows"], r["n"]
+    for name in ("p", "p_rec"):
+        got = r[name][:rows, :n].astype(np.float64)
+        assert np.array_equal(np.isnan(got), np.isnan(r["p_ref"])), name
+        assert np.allclose(got, r["p_ref"], rtol=rtol, atol=atol, equal_nan=True), (
+            name, float(np.nanmax(np.abs(got - r["p_ref"]) / (np.abs(r["p_ref"]) + atol))))
+        # nothing written past the chunk's rows (P there: the sentinel, or S when P is S)
+        past = r[name][rows:].astype(np.float64)
+        expect = r["s_host"][rows:].astype(np.float64) if r["aliased"] else np.full(past.shape, 5.0)
+        assert np.array_equal(past, expect), name
+    lse, ref = r["lse"].astype(np.float64), r["lse_ref"]
+    assert np.array_equal(np.isnan(lse), np.isnan(ref)) and np.array_equal(np.isneginf(lse), np.isneginf(ref))
+    fin = np.isfinite(ref)
+    assert np.allclose(lse[fin], ref[fin], rtol=0, atol=1e-11 if dtype == F64 else 2e-5)
+
+
+@pytest.mark.parametrize("regime", list(_SOFTMAX_REGIMES))
+@pytest.mark.parametrize("mask_kind", (None, "bool", np.dtype(np.float16), "same"), ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_softmax_kernel_regimes(xp, dtype, mask_kind, regime):
+    if regime == "strided-mask" and mask_kind is None:
+        pytest.skip("no mask")
+    mask_kind = dtype if mask_kind == "same" else mask_kind
+    causals = (None, "early", "late")
+    if xp is np:        # the emulation checks the harness and the planning: one causal setting per regime
+        causals = causals[list(_SOFTMAX_REGIMES).index(regime) % 3:][:1]
+    for causal in causals:
+        r = _softmax_case(xp, dtype, mask_kind, regime, causal)
+        _check_softmax_case(r, dtype)
+        if mask_kind is None and causal in (None, "late"):
+            assert np.isnan(r["p_ref"][3]).all() and np.isnan(r["lse_ref"][3])          # the NaN row is checked
+        if causal == "early":
+            assert np.isneginf(r["lse_ref"][:2]).all()                                  # rows that see nothing
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vpt", (4, 16))
+@pytest.mark.parametrize("regime", ("regs-tiny", "regs-warp", "regs-2rows", "regs-4k"))
+def test_softmax_kernel_other_widths(vpt, regime):
+    """Register-row widths the package does not use by default (tools/tune_chunked.py tries them):
+    compiled at run time, same results."""
+    import cupy
+    for dtype, mask_kind in ((BF16, None), (np.dtype(np.float32), "bool")):
+        for causal in (None, "early", "late"):
+            r = _softmax_case(cupy, dtype, mask_kind, regime, causal, vpt=vpt)
+            assert r["kvpt"] == vpt
+            _check_softmax_case(r, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,12 +624,13 @@ class EmulatedDevice:
         rows = args[13] if name == "chunk_softmax" else args[15]
         tpr = args[19]
         rpb = block[0] // tpr
-        assert tpr & (tpr - 1) == 0 and rpb * tpr == block[0] and len(grid) == 1
+        assert tpr & (tpr - 1) == 0 and rpb * tpr == block[0] <= 512 and len(grid) == 1
         assert grid[0] * rpb >= rows > (grid[0] - 1) * rpb
         n = args[1] if name == "chunk_softmax" else args[2]
         assert scores % n == 0 and scores // n == rows
         if name == "chunk_softmax":
-            self._softmax(fn, t, acc, params[1], params[2] == "true", *args, shared_mem=shared_mem, rpb=rpb)
+            self._softmax(fn, t, acc, params[1], params[2] == "true", int(params[3]), *args,
+                          shared_mem=shared_mem, rpb=rpb)
         else:
             assert shared_mem == 0
             self._dscores(t, acc, *args)
@@ -441,10 +658,15 @@ class EmulatedDevice:
         assert rows % (ng * nr) == 0
         return np.unravel_index(np.arange(rows), (rows // (ng * nr), ng, nr))
 
-    def _softmax(self, fn, t, acc, mask_t, recompute, S, n, pitch, P, lse, lsh, lsg, lsr, mask, msh, msg, msr, msk,
-                 rows, ng, nr, causal_offset, causal, scale, tpr, resident, shared_mem, rpb):
+    def _softmax(self, fn, t, acc, mask_t, recompute, vpt, S, n, pitch, P, lse, lsh, lsg, lsr, mask, msh, msg, msr,
+                 msk, rows, ng, nr, causal_offset, causal, scale, tpr, resident, shared_mem, rpb):
         assert pitch % 8 == 0 and pitch >= n
-        if recompute or not resident:
+        assert vpt >= 0 and not (recompute and vpt)
+        if vpt:     # register rows: whole warps per row, the row within their registers, unit mask key stride
+            assert resident == 1 and shared_mem == 0
+            assert tpr >= 32 and tpr * vpt * 16 >= n * acc.itemsize
+            assert mask_t == "chunked::NoMask" or msk == 1
+        elif recompute or not resident:
             assert shared_mem == 0 and not (recompute and resident)
         else:       # rows kept in shared memory: the launch asks for them, within the device's limit
             assert shared_mem == rpb * -(-n * acc.itemsize // 16) * 16 <= self.smem_limit
@@ -553,8 +775,12 @@ def test_cupy_path_emulated(monkeypatch, case, dtype, layout):
     eager_out, _ = run(np, case, inputs, backend="eager")
     smem = [0]
     devices = _emulate_cupy_path(monkeypatch, smem)
-    # small shared memory: long rows use the two-pass softmax, short ones stay resident
-    for rows, smem[0] in ((1, 2048), (7, 64 << 10), (100, 2048), (10**6, 64 << 10)):
+    vpts = dict(_chunked.FORWARD_VPT)
+    # register rows, or (off) the shared-memory kernel: with small shared memory long rows use the
+    # two-pass softmax, short ones stay resident
+    for rows, smem[0], registers in ((1, 2048, True), (7, 64 << 10, False), (100, 2048, False),
+                                     (10**6, 64 << 10, True)):
+        monkeypatch.setattr(_chunked, "FORWARD_VPT", vpts if registers else {k: 0 for k in vpts})
         devices.clear()
         with _chunked.workspace(budget_for_rows(case, rows, "backward")):
             out, lse = cupyattn.attention(inputs["q"], inputs["k"], inputs["v"], backend="chunked",
@@ -564,6 +790,11 @@ def test_cupy_path_emulated(monkeypatch, case, dtype, layout):
                 _relayout(dout, layout), inputs["q"], inputs["k"], inputs["v"], _relayout(out, layout),
                 _relayout(lse, layout), backend="chunked", **kw)
         assert len(devices) == 2 and devices[0].gemms and devices[1].launches      # the CuPy path ran
+        forward_vpts = {int(fn.rstrip(">").rsplit(",", 1)[1]) for kind, fn, *_ in devices[0].launches}
+        if not registers:
+            assert forward_vpts == {0}
+        elif layout in ("plain", "broadcast") and case.len_k <= 4096:       # unit mask key stride, short rows
+            assert forward_vpts == {vpts[8 if case.dtype == F64 else 4]}
         assert rel_error(out, ref_out) <= allowed_error(rel_error(eager_out, ref_out), case.dtype)
         assert rel_error(lse, ref_lse) <= lse_tolerance(case.dtype)
         for name, g, e, r in zip("qkv", grads, eager, refs):

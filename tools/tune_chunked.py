@@ -2,6 +2,7 @@
 correctness check. One device call, well under 90 s (run from the repo root):
 
     PYTHONPATH=. python3 tools/tune_chunked.py            # --quick: L=4k only, no budget sweep
+    PYTHONPATH=. python3 tools/tune_chunked.py --softmax  # only the softmax launch sweep (~20 s)
 
 bf16, D=128, H=16, B*L = 16k tokens, L in {4k, 16k}, causal and not: chunked forward and fwd+bwd
 (CUDA events, median of 5) against torch `sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)` on the
@@ -11,11 +12,17 @@ same calls (HOST lines: host ~ GPU means host-bound), and one instrumented forwa
 every cuBLAS call and fused-kernel launch is bracketed by CUDA events (wrappers around
 `_CudaDevice.gemm` / `.launch`), giving GEMM vs softmax time, the softmax step's bytes and its
 achieved bandwidth, and the host (enqueue) time of the instrumented call.
+Then a sweep of the forward softmax's launch configurations (SOFTMAX lines): the shared-memory
+kernel the forward used before register rows ("smem"), the default register rows, and other
+register widths / threads per row / block sizes (compiled at run time), each timed on one
+instrumented forward per shape, so the defaults in cupyattn/_chunked.py (FORWARD_VPT,
+register_launch_shape) can be checked against the alternatives on the machine at hand.
 Last lines: a compact summary.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -237,8 +244,76 @@ def part_timing(Ls, torch, rows):
                     f"back to back | {'host' if h > 0.9 * g else 'GPU'}-bound")
             fr = _chunked.chunk_rows(problem, "forward")
             log(f"PLAN  {tag} rows/chunk fwd {fr} bwd {_chunked.chunk_rows(problem, 'backward')} "
-                f"row tile {_chunked.row_tile(problem)} launch(tpr,rpb,vec)={_chunked.launch_shape(L, 4)}")
+                f"row tile {_chunked.row_tile(problem)} softmax(vpt,tpr,rpb,smem,resident)={forward_launch(L)} "
+                f"recompute(tpr,rpb,vec)={_chunked.launch_shape(L, 4)}")
             del out_lse
+
+
+def forward_launch(n, itemsize=4):
+    """The forward softmax's launch for full rows of n keys (kernel vpt, tpr, rpb, smem, resident)."""
+    limit = _chunked.resident_smem_limit(cupy.cuda.Device().id)
+    return _chunked.forward_launch(n, itemsize, _chunked.forward_vpt(itemsize), limit)
+
+
+@contextlib.contextmanager
+def softmax_config(vpt=None, tpr_mul=1, block=None):
+    """Forward softmax launch overrides: register width `vpt` (0: the shared-memory kernel for
+    every row), threads per row times `tpr_mul` (at most 512), `block` threads per block."""
+    saved_vpt, saved_shape = dict(_chunked.FORWARD_VPT), _chunked.register_launch_shape
+    if vpt is not None:
+        _chunked.FORWARD_VPT[4] = vpt
+
+    def shape(n, itemsize, v):
+        tpr, rpb, vectors = saved_shape(n, itemsize, v)
+        tpr = min(_chunked.MAX_ROW_THREADS, int(tpr * tpr_mul))
+        return tpr, max(1, (block or _chunked.BLOCK_THREADS) // tpr), vectors
+    _chunked.register_launch_shape = shape
+    try:
+        yield
+    finally:
+        _chunked.FORWARD_VPT.clear()
+        _chunked.FORWARD_VPT.update(saved_vpt)
+        _chunked.register_launch_shape = saved_shape
+
+
+SOFTMAX_CONFIGS = [
+    ("smem (before)", dict(vpt=0)),
+    ("regs vpt=8 (default)", dict()),
+    ("regs vpt=8 2x threads", dict(tpr_mul=2)),
+    ("regs vpt=8 512-thr blocks", dict(block=512)),
+    ("regs vpt=4", dict(vpt=4)),
+    ("regs vpt=16", dict(vpt=16)),
+]
+
+
+def part_softmax_sweep(Ls):
+    """Forward softmax time per launch configuration (one instrumented forward per shape)."""
+    H, D, tokens = 16, 128, 16384
+    best = {}
+    for L in Ls:
+        B = max(1, tokens // L)
+        q, k, v = make(B, H, L, D)
+        for causal in (False, True):
+            tag = f"L={L:5d} causal={'yes' if causal else 'no '}"
+            for name, cfg in SOFTMAX_CONFIGS:
+                with softmax_config(**cfg):
+                    try:
+                        cupyattn.attention(q, k, v, causal=causal, backend="chunked")     # compile, warm up
+                        cupy.cuda.Device().synchronize()
+                        with StepTimer() as t:
+                            cupyattn.attention(q, k, v, causal=causal, backend="chunked")
+                            summ = t.summary()
+                    except Exception as exc:  # noqa: BLE001 - a configuration that does not build or launch
+                        log(f"SOFTMAX {tag} {name:26} failed: {type(exc).__name__}: {exc}")
+                        continue
+                    ms, by, n = summ["softmax"]
+                    bw = by / (ms * 1e-3) / 1e12
+                    log(f"SOFTMAX {tag} {name:26} {ms:7.3f} ms/{n} calls {by / 1e9:6.2f} GB {bw:5.2f} TB/s "
+                        f"(full rows: vpt,tpr,rpb,smem,resident={forward_launch(L)})")
+                    if bw > best.get(tag, ("", 0.0))[1]:
+                        best[tag] = (name, bw)
+    for tag, (name, bw) in best.items():
+        log(f"SOFTMAX best {tag}: {name} {bw:.2f} TB/s")
 
 
 def part_budget_sweep(torch):
@@ -275,6 +350,8 @@ def part_correctness():
     ok = True
     cases = [("bf16 L=4096 H=2", BF16, 1, 2, 4096, 4096, 128, False, None),
              ("bf16 causal Lq=1000 Lk=1501 (odd pitch, tiles)", BF16, 2, 3, 1000, 1501, 64, True, None),
+             ("bf16 bool mask Lk=16384 (512-thread register rows)", BF16, 1, 2, 40, 16384, 64, False, "bool"),
+             ("bf16 Lk=16390 (row > registers: shared memory)", BF16, 1, 2, 40, 16390, 64, True, None),
              ("f32 bool mask Lk=70001 (row > smem: two-pass)", np.dtype(np.float32), 1, 2, 48, 70001, 32, False, "bool")]
     for name, dt, B, H, lq, lk, D, causal, mk in cases:
         q = rng.standard_normal((B, H, lq, D), dtype=cupy.float32)
@@ -304,6 +381,7 @@ def part_correctness():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--softmax", action="store_true", help="only the softmax launch sweep")
     args = ap.parse_args()
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     log(f"GPU {props['name'].decode() if isinstance(props['name'], bytes) else props['name']}, "
@@ -314,6 +392,9 @@ def main():
             torch = None
     except Exception:  # noqa: BLE001
         torch = None
+    if args.softmax:
+        part_softmax_sweep((4096, 16384))
+        return
     if torch is None:
         log("torch not available: no comparison")
     ok = part_correctness()
@@ -321,6 +402,7 @@ def main():
     part_timing((4096,) if args.quick else (4096, 16384), torch, rows)
     if not args.quick:
         part_budget_sweep(torch)
+    part_softmax_sweep((4096,) if args.quick else (4096, 16384))
     print("\n==== SUMMARY (bf16 D=128 H=16 B*L=16k; ratio = torch-eff ms / chunked ms, target fwd >= 0.6, fwdbwd >= 0.5)")
     by = {}
     for tag, op, c, t in rows:
