@@ -73,7 +73,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, mas
             dq, dk, dv = chosen.backward(problem, dout, out, lse, deterministic=bool(deterministic))
         grads = []
         for grad, shape in ((dq, problem.q_shape), (dk, problem.k_shape), (dv, problem.v_shape)):
-            grads.append(unbroadcast(grad, shape, problem.has_head_axis).astype(problem.dtype))
+            grads.append(unbroadcast(grad, shape, problem.has_head_axis).astype(problem.dtype, copy=False))
     return tuple(grads)
 
 

@@ -247,7 +247,9 @@ def _contiguous_last(a, xp):
 
 
 def flash_backward(problem: Problem, dout, out, lse, deterministic: bool = False):
-    """(dq, dk, dv) in float32, shaped like problem.q / problem.k / problem.v (batch_shape + (H, L, D)).
+    """(dq, dk, dv) shaped like problem.q / problem.k / problem.v (batch_shape + (H, L, D)), in
+    float32, except dk and dv from the Hopper kernel where nothing is left to sum (K and V not
+    broadcast over batch entries): those come in the input dtype, final.
 
     dout, out: batch_shape + (Hq, Lq, Dv) in the input dtype; lse: batch_shape + (Hq, Lq) float32
     (natural log, -inf for rows that see no key). deterministic=True computes dQ without atomics
@@ -276,13 +278,22 @@ def flash_backward(problem: Problem, dout, out, lse, deterministic: bool = False
     if pitch != lq:
         delta.fill(0)
         lse2.fill(np.inf)
-    dk = xp.empty(problem.batch_shape + (hkv, lk, d), dtype=np.float32)
-    dv = xp.empty(problem.batch_shape + (hkv, lk, dv_dim), dtype=np.float32)
+    dk_shape, dv_shape = problem.batch_shape + (hkv, lk, d), problem.batch_shape + (hkv, lk, dv_dim)
+    # the Hopper kernel sums each K/V head's query group itself; the caller sums only over batch
+    # entries that share a broadcast K or V, and needs float32 for that
+    kv_final = hopper and math.prod(problem.k_shape) == math.prod(dk_shape) \
+        and math.prod(problem.v_shape) == math.prod(dv_shape)
+    kv_dtype = problem.dtype if kv_final else np.float32
+    dk = xp.empty(dk_shape, dtype=kv_dtype)
+    dv = xp.empty(dv_shape, dtype=kv_dtype)
     dq_shape = problem.batch_shape + (hq, lq, d)
     dq = xp.empty(dq_shape, dtype=np.float32) if deterministic else xp.zeros(dq_shape, dtype=np.float32)
     if POISON_OUTPUTS:
         for a in ((dk, dv) if pitch != lq else (delta, lse2, dk, dv)) + ((dq,) if deterministic else ()):
-            a.fill(np.nan)
+            if a.dtype.itemsize == 2:
+                a.view(np.uint16).fill(0x7FFF)   # NaN in float16 and in bfloat16
+            else:
+                a.fill(np.nan)
     if rows == 0 or lk == 0 or batch * hkv == 0:   # nothing to compute (the API handles these first)
         dk.fill(0)
         dv.fill(0)

@@ -7,8 +7,9 @@ the mma.sync main kernel where it applies; the prep kernel (delta, lse2) is shar
     run_main(problem, dout, lse2, delta, dq, dk, dv)  dq (zeroed) += ..., dk, dv written
 
 Inputs are read in place through TMA tensor maps (the forward's helpers in _flash_sm90); dout is
-contiguous; dq (float32, atomics), dk, dv (float32) and the row vectors lse2 / delta are
-contiguous, as flash_backward allocates them.
+contiguous; dq (float32, atomics), dk, dv (the input dtype, or float32 where the caller still sums
+them over broadcast batch entries) and the row vectors lse2 / delta are contiguous, as
+flash_backward allocates them.
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def supports(problem: Problem, deterministic: bool = False) -> List[str]:
 def run_main(problem: Problem, dout, lse2, delta, dq, dk, dv) -> None:
     """The main kernel over every launch: dq += dS K * scale (atomics; dq must start at zero),
     dk = dS^T Q * scale, dv = P^T dO. dout contiguous batch_shape + (Hq, Lq, D) in the input
-    dtype; lse2, delta float32 (batch, Hq, row_pitch(Lq)); dq, dk, dv contiguous float32."""
+    dtype; lse2, delta float32 (batch, Hq, row_pitch(Lq)); dq contiguous float32; dk, dv
+    contiguous, both float32 or both in the input dtype (then written final)."""
     import cupy
     D, Lq, Lk = problem.head_dim, problem.len_q, problem.len_k
     Hq, Hkv = problem.num_heads_q, problem.num_heads_kv
@@ -98,6 +100,10 @@ def run_main(problem: Problem, dout, lse2, delta, dq, dk, dv) -> None:
     scale = float(problem.scale)
     scale_log2 = np.float32(scale * math.log2(math.e))
     pitch = row_pitch(Lq)
+    if dk.dtype != dv.dtype or dk.dtype not in (np.dtype(np.float32), dtype):
+        raise TypeError(f"dk, dv must both be float32 or both {dtype}, not {dk.dtype}, {dv.dtype}")
+    kv_in_t = np.int32(dk.dtype == dtype)
+    kv_item = dk.dtype.itemsize
     q_rows, kv_rows = per_launch * Hq * Lq, per_launch * Hkv * Lk
     shapes = ((Hq, Lq, BLOCK_M), (Hkv, Lk, BLOCK_N), (Hkv, Lk, BLOCK_N), (Hq, Lq, BLOCK_M))
     for launch, idx in _flash_sm90.launch_indices(split):
@@ -107,9 +113,9 @@ def run_main(problem: Problem, dout, lse2, delta, dq, dk, dv) -> None:
            (maps[0], maps[1], maps[2], maps[3],
             np.uint64(lse2.data.ptr + 4 * per_launch * Hq * pitch * launch),
             np.uint64(delta.data.ptr + 4 * per_launch * Hq * pitch * launch),
-            np.uint64(dq.data.ptr + 4 * qo * D), np.uint64(dk.data.ptr + 4 * ko * D),
-            np.uint64(dv.data.ptr + 4 * ko * D),
+            np.uint64(dq.data.ptr + 4 * qo * D), np.uint64(dk.data.ptr + kv_item * ko * D),
+            np.uint64(dv.data.ptr + kv_item * ko * D),
             np.int32(Lq), np.int32(Lk), np.int32(Hq), np.int32(Hkv), np.int32(problem.group_size),
             np.int32(nb1), np.int32(num_n_blocks), np.int32(problem.causal), np.int32(bcast & 0x1FF),
-            scale_log2, np.float32(scale)),
+            scale_log2, np.float32(scale), kv_in_t),
            shared_mem=nbytes)

@@ -35,8 +35,9 @@
 // Template parameters: T (__half / __nv_bfloat16), D (head dim = Dv: 64, 128), STAGES (Q/dO ring).
 // Tensor maps are 5-D (D, L, H, B1, B0) as in the forward; `bcast` bits 0-2: q's H, B1, B0
 // broadcast, 3-5: k's, 6-8: v's (dO is contiguous). lse2 and delta are (B0, B1, Hq, pitch) with
-// pitch = Lq rounded up to 64; dq is contiguous (B0, B1, Hq, Lq, D), dk, dv (B0, B1, Hkv, Lk, D),
-// all float32.
+// pitch = Lq rounded up to 64; dq is contiguous (B0, B1, Hq, Lq, D) float32, dk, dv (B0, B1, Hkv,
+// Lk, D) in T when kv_in_t (final: the block has summed its query-head group) or else float32 (the
+// host still sums them over batch entries that share a broadcast K/V).
 #include "hopper.cuh"
 
 namespace sm90_bwd {
@@ -90,9 +91,9 @@ __global__ void __launch_bounds__(sm90_bwd::kThreads, 1)
 flash_bwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_constant__ sm90::TmaMap tm_k,
                       const __grid_constant__ sm90::TmaMap tm_v, const __grid_constant__ sm90::TmaMap tm_do,
                       const float* __restrict__ lse2, const float* __restrict__ delta,
-                      float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
+                      float* __restrict__ dq, void* __restrict__ dk, void* __restrict__ dv,
                       int Lq, int Lk, int Hq, int Hkv, int group, int nb1, int num_n_blocks, int causal,
-                      int bcast, float scale_log2, float scale) {
+                      int bcast, float scale_log2, float scale, int kv_in_t) {
     using namespace sm90_bwd;
     static_assert(D == 64 || D == 128, "head dim 64 or 128 (the dQ product gives each warpgroup D/2 columns)");
     using P = Plan<D, STAGES>;
@@ -311,14 +312,27 @@ flash_bwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
             pos.advance<STAGES>();
         }
 
-        // ---- dK (times scale) and dV, float32, straight from registers ----------------------------
+        // ---- dK (times scale) and dV straight from registers: in T when final (kv_in_t), which
+        // spares a float32 round trip through memory and a cast; else float32 ------------------
         const long long kb = static_cast<long long>(kv_bh) * Lk;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int key = half ? key_hi : key_lo;
-            if (key < Lk) {
-                float* dk_row = dk + (kb + key) * D + 2 * t4;
-                float* dv_row = dv + (kb + key) * D + 2 * t4;
+            if (key >= Lk) continue;
+            const long long off = (kb + key) * D + 2 * t4;
+            if (kv_in_t) {
+                T* dk_row = static_cast<T*>(dk) + off;
+                T* dv_row = static_cast<T*>(dv) + off;
+#pragma unroll
+                for (int j = 0; j < D / 8; ++j) {
+                    *reinterpret_cast<unsigned*>(dk_row + 8 * j) =
+                        pack2<T>(scale * dk_acc[4 * j + 2 * half], scale * dk_acc[4 * j + 2 * half + 1]);
+                    *reinterpret_cast<unsigned*>(dv_row + 8 * j) =
+                        pack2<T>(dv_acc[4 * j + 2 * half], dv_acc[4 * j + 2 * half + 1]);
+                }
+            } else {
+                float* dk_row = static_cast<float*>(dk) + off;
+                float* dv_row = static_cast<float*>(dv) + off;
 #pragma unroll
                 for (int j = 0; j < D / 8; ++j) {
                     *reinterpret_cast<float2*>(dk_row + 8 * j) =
