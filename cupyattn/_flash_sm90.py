@@ -61,12 +61,18 @@ GRID = None
 
 def grid_kind(problem: Problem) -> str:
     """The persistent grid avoids a per-block prologue (barrier set-up, Q load, an empty K/V ring)
-    and lets the producer load the next tile's keys under the current tile's math. With a static
-    stride, causal tiles of uneven cost leave SMs idle at the end (tools/tune_sm90.py on an H200,
-    2026-11-28: D=256, L=16k causal, per-tile 566 vs static 360 TFLOP/s); drawing tiles on demand
-    ("dynamic") keeps both advantages. The module's GRID, when set, overrides the choice."""
+    and lets the producer load the next tile's keys under the current tile's math; drawing tiles
+    on demand ("dynamic") also evens out causal tiles of uneven cost, which a static stride does
+    not. tools/ab_sm90.py on an H100 (2026-11-28, interleaved rounds, TFLOP/s dynamic / static /
+    per-tile): D=128 L=4k causal 532 / 500 / 489, L=16k causal 575 / 514 / 579; D=64 L=4k full
+    409 / 406 / 381. The exception is D=256 with long causal rows (L=16k: 610 / 392 / 687): a
+    block draws its next tile when it starts the current one, and with tiles this long that
+    claim ahead leaves SMs idle at the end, where the hardware hands a free SM the next block.
+    The module's GRID, when set, overrides the choice."""
     if GRID is not None:
         return GRID
+    if problem.causal and problem.head_dim == 256 and problem.len_k >= LONG_KEYS:
+        return "per-tile"
     return "dynamic"
 
 

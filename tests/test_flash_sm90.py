@@ -296,3 +296,20 @@ def test_compiles_clean_cpu():
         assert rep.ok and not rep.spills, rep.line() + rep.log[-2000:]
         assert "C7508" not in rep.log and "ignored" not in rep.log, rep.log
         assert "serializ" not in rep.log, rep.log
+
+
+def test_grid_choice_cpu():
+    """The grid each problem gets (grid_kind): dynamic, but per-tile for long causal rows at D=256;
+    the module's GRID overrides it."""
+    def kind(d, lk, causal):
+        q = np.zeros((1, 2, 64, d), np.float16)
+        k = np.zeros((1, 2, lk, d), np.float16)
+        return _flash_sm90.grid_kind(normalize(q, k, k, causal=causal))
+    assert kind(128, 16384, True) == "dynamic" and kind(256, 4096, True) == "dynamic"
+    assert kind(256, _flash_sm90.LONG_KEYS, True) == "per-tile" and kind(256, 16384, False) == "dynamic"
+    old = _flash_sm90.GRID
+    try:
+        _flash_sm90.GRID = "static"
+        assert kind(256, 16384, True) == "static"
+    finally:
+        _flash_sm90.GRID = old

@@ -1,0 +1,93 @@
+"""A/B timing of Hopper forward kernel sources and grids in one process, interleaved: every round
+times every variant (and torch's cuDNN) on a row, so clock drift on the card hits all alike.
+
+    git show <rev>:kernels_cu/flash_fwd_sm90.cu > kernels_cu/ab_old.cu    # here, before the call
+    PYTHONPATH=. python3 tools/ab_sm90.py ab_old.cu                         # on the device
+
+Variants: the current source with each grid of _flash_sm90.GRIDS, and each source named on the
+command line (a file in kernels_cu/, taking the current launch arguments; trailing ones it does
+not declare are ignored) with the static grid. Each variant's output is checked against the first's
+before timing. Prints TFLOP/s (bf16, B*L = 16k tokens, H*D = 2048) and the ratio to cuDNN."""
+import sys
+
+import numpy as np
+import cupy
+
+sys.path.insert(0, ".")
+import cupyattn  # noqa: E402
+from cupyattn import _flash_sm90  # noqa: E402
+from cupyattn._problem import normalize  # noqa: E402
+
+bf = np.dtype(cupyattn.bfloat16)
+VARIANTS = [(f"cur/{g}", _flash_sm90.SOURCE, g) for g in _flash_sm90.GRIDS] + \
+           [(f"{src.rsplit('.', 1)[0]}/static", src, "static") for src in sys.argv[1:]]
+# (D, L, (BN, STAGES)): the default tiles of each length, and the short tiles at 16k
+ROWS = [(64, 4096, (128, 4)), (128, 4096, (128, 2)), (256, 4096, (64, 2)),
+        (64, 16384, (192, 3)), (128, 16384, (176, 2)), (256, 16384, (64, 2)),
+        (64, 16384, (128, 4)), (128, 16384, (128, 2))]
+ROUNDS = 7
+rng = cupy.random.default_rng(1)
+
+
+def time_ms(f, reps=8):
+    s, e = cupy.cuda.Event(), cupy.cuda.Event()
+    s.record()
+    for _ in range(reps):
+        f()
+    e.record(); e.synchronize()
+    return cupy.cuda.get_elapsed_time(s, e) / reps
+
+
+def fn_for(src, grid, p, cfg):
+    """A call of the forward with kernel source `src` (the source is a module global, so each call
+    sets it and drops the cached spec; the host cost is hidden behind the kernels in flight)."""
+    def f():
+        _flash_sm90.SOURCE = src
+        _flash_sm90.spec_for.cache_clear()
+        return _flash_sm90.forward(p, grid=grid, config=cfg)
+    f()                                                  # compile + load now
+    return f
+
+
+try:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except Exception:
+    torch = None
+
+names = [v[0] for v in VARIANTS] + (["cudnn"] if torch else [])
+results = {}
+for D, L, cfg in ROWS:
+    B, H = 16384 // L, 2048 // D
+    q, k, v = (rng.standard_normal((B, H, L, D), dtype=np.float32).astype(bf) for _ in range(3))
+    for causal in (False, True):
+        p = normalize(q, k, v, causal=causal)
+        fns = {name: fn_for(src, grid, p, cfg) for name, src, grid in VARIANTS}
+        ref = fns[VARIANTS[0][0]]()[0].astype(np.float32)
+        for name, f in fns.items():
+            err = float(cupy.abs(f()[0].astype(np.float32) - ref).max())
+            assert err < 0.02, (name, err)
+        if torch:
+            tq, tk, tv = (torch.from_dlpack(a) for a in (q, k, v))
+            def cud(tq=tq, tk=tk, tv=tv, causal=causal):
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+            fns["cudnn"] = cud
+        for f in fns.values():
+            f(); f()
+        times = {n: [] for n in fns}
+        for _ in range(ROUNDS):
+            for n, f in fns.items():
+                times[n].append(time_ms(f))
+        flops = 4 * B * H * L * L * D / (2 if causal else 1)
+        row = f"D{D} L{L} {cfg[0]}x{cfg[1]} " + ("causal" if causal else "full")
+        results[row] = {n: flops / np.median(t) / 1e9 for n, t in times.items()}
+        print(row + " " + "  ".join(f"{n}={results[row][n]:.0f}" for n in fns), flush=True)
+
+print("\nmedian TFLOP/s over", ROUNDS, "interleaved rounds; (ratio to cudnn)")
+print(f"{'row':26s}" + "".join(n.rjust(16) for n in names))
+for row, r in results.items():
+    c = r.get("cudnn")
+    print(f"{row:26s}" +
+          "".join((f"{r[n]:.0f}" + (f" ({r[n] / c:.2f})" if c else "")).rjust(16) for n in names))
