@@ -115,7 +115,7 @@ def smem_bytes(head_dim: int, config: Tuple[int, int] = None) -> int:
     bn, stages = config or CONFIGS[head_dim]
     q = BLOCK_M * head_dim * 2
     kv = bn * head_dim * 2
-    return q + 2 * stages * kv + 8 * (4 + 4 * stages) + 48 + 1024
+    return q + 2 * stages * kv + 8 * (4 + 4 * stages) + 80 + 1024     # 80: the tile queue
 
 
 assert all(smem_bytes(d, c) <= _SMEM_LIMIT for d in HEAD_DIMS for c in configs(d))

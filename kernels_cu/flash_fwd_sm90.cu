@@ -33,16 +33,21 @@
 //     busiest block ends 17% after the mean); drawing tiles on demand leaves a tail of one light tile.
 //     The last block to finish sets both ints back to zero, so the next launch on the stream finds
 //     them ready without a memset.
-// Producer warp 1 draws the tiles and passes them to the other roles through a two-slot
-// shared-memory queue (TileQueue); a tile index >= num_tiles tells every role to stop.
+// The K/V producer thread draws the tiles (it is the role that runs furthest ahead: STAGES key
+// tiles before the consumers) and passes them to the Q loader and the consumers through a
+// four-slot shared-memory queue (TileQueue); a tile index >= num_tiles tells every role to stop.
+// It draws tile i+1 as it starts issuing tile i's loads and reads the answer once those are out,
+// so the atomic's latency is hidden; a first version drew from the Q loader, one tile later,
+// and the K/V producer then waited for every short tile's index (H100, D=64 L=1k causal: 287 ->
+// 192 TFLOP/s).
 #include "hopper.cuh"
 
 namespace sm90 {
 
 constexpr int kBlockM = 128;          // query rows per block (2 consumer warpgroups x 64)
 constexpr int kThreads = 384;         // producer warpgroup + 2 consumer warpgroups
-constexpr int kProducerRegs = 24;          // enough for the producer roles (ptxas: no spills); the rest to the consumers
-constexpr int kConsumerRegs = 240;    // 24*128 + 240*256 = 64512 = 168*384 (the entry budget)
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;    // 40*128 + 232*256 = 64512 = 168*384 (the entry budget)
 
 // Shared-memory plan (byte offsets from a 1024-aligned base). The host repeats smem_bytes().
 template <int D, int BN, int STAGES>
@@ -55,8 +60,8 @@ struct Plan {
     static constexpr unsigned kOffV = kOffK + STAGES * kKV;
     static constexpr unsigned kOffBar = kOffV + STAGES * kKV;
     static constexpr unsigned kBars = 4 + 4 * STAGES;   // Q full/empty per consumer; K, V full/empty per stage
-    static constexpr unsigned kOffQueue = kOffBar + 8 * kBars;       // TileQueue: 2 x (full, empty) + 2 ints
-    static constexpr unsigned kBytes = kOffQueue + 48 + 1024;        // + slack for aligning the base
+    static constexpr unsigned kOffQueue = kOffBar + 8 * kBars;       // TileQueue: 4 x (full, empty, int)
+    static constexpr unsigned kBytes = kOffQueue + 80 + 1024;        // + slack for aligning the base
 };
 
 // ---- consumer building blocks (one warpgroup, 64 query rows) ----------------------------------
@@ -184,25 +189,30 @@ __device__ __forceinline__ void rescale_if_needed(float (&o)[D / 2], float corr_
     if (__any_sync(0xffffffffu, (corr_lo != 1.f) | (corr_hi != 1.f))) rescale<D>(o, corr_lo, corr_hi);
 }
 
-// Hands tile indices from the drawing thread (producer warp 1) to the K/V producer thread and the
-// 8 consumer warps: two slots, each an int with a full and an empty mbarrier. Each side counts
-// the entries it has passed (n): entry n uses slot n % 2, in fill n / 2 of that slot (one counter
-// instead of a RingPos: the consumers are one register short at D=128, BN=176).
+// Hands tile indices from the drawing thread (the K/V producer) to the Q loader thread and the 8
+// consumer warps: kSlots slots, each an int with a full and an empty mbarrier; as many slots as
+// the deepest K/V ring, so that the producer can run that many (one-key-tile) tiles ahead. Each
+// side counts the entries it has passed (n): entry n uses slot n % kSlots, in fill n / kSlots of
+// that slot (one counter instead of a RingPos: the consumers are one register short at D=128,
+// BN=176).
 struct TileQueue {
-    static constexpr unsigned kReaders = 1 + 8;     // K/V producer thread + one lane per consumer warp
-    unsigned base;                                  // kOffQueue: full[2], empty[2], value[2]
-    __device__ unsigned full(unsigned n) const { return base + 8u * (n & 1u); }
-    __device__ unsigned empty(unsigned n) const { return base + 16u + 8u * (n & 1u); }
-    __device__ unsigned slot(unsigned n) const { return base + 32u + 4u * (n & 1u); }
+    static constexpr unsigned kSlots = 4;
+    static constexpr unsigned kBytes = 20 * kSlots;  // full[kSlots], empty[kSlots], value[kSlots]
+    static constexpr unsigned kReaders = 1 + 8;     // Q loader thread + one lane per consumer warp
+    unsigned base;                                  // kOffQueue
+    __device__ unsigned full(unsigned n) const { return base + 8u * (n % kSlots); }
+    __device__ unsigned empty(unsigned n) const { return base + 8u * kSlots + 8u * (n % kSlots); }
+    __device__ unsigned slot(unsigned n) const { return base + 16u * kSlots + 4u * (n % kSlots); }
+    __device__ static unsigned parity(unsigned n) { return (n / kSlots) & 1u; }
     __device__ void init() const {
-        for (unsigned s = 0; s < 2; ++s) {
+        for (unsigned s = 0; s < kSlots; ++s) {
             mbar_init(full(s), 1);
             mbar_init(empty(s), kReaders);
         }
     }
     // drawing thread: waits until every reader has taken the entry that used the slot last
     __device__ void push(unsigned& n, int tile) const {
-        mbar_wait(empty(n), ((n >> 1) & 1u) ^ 1u);
+        mbar_wait(empty(n), parity(n) ^ 1u);
         asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(slot(n)), "r"(tile) : "memory");
         mbar_arrive(full(n));   // release: the store is visible to whoever sees the phase flip
         ++n;
@@ -213,7 +223,7 @@ struct TileQueue {
     // loop bounds and shared-memory addresses in uniform registers, as wgmma descriptors need
     // (read straight from shared memory, each wgmma paid an R2UR: ~6% slower, H100).
     __device__ int pop(unsigned& n, bool whole_warp) const {
-        mbar_wait(full(n), (n >> 1) & 1u);
+        mbar_wait(full(n), parity(n));
         int tile;
         asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(tile) : "r"(slot(n)) : "memory");
         if (whole_warp) {
@@ -227,11 +237,17 @@ struct TileQueue {
     }
 };
 
-// The tile after `tile` for this block (see the kernel's comment). With the dynamic scheduler a
+// The dynamic scheduler's draw: the number of the next tile nobody has taken is gridDim.x plus
+// the returned value (see the kernel's comment). Issued early; its result is read in next_tile.
+__device__ __forceinline__ int draw_tile(int* sched) {
+    return sched == nullptr ? 0 : atomicAdd(sched, 1);
+}
+
+// The tile after `tile` for this block, given the draw made for it. With the dynamic scheduler a
 // block that draws past the end counts itself out; the last one out resets the two counters.
-__device__ __forceinline__ int next_tile(int tile, int* sched, int num_tiles) {
+__device__ __forceinline__ int next_tile(int tile, int drawn, int* sched, int num_tiles) {
     if (sched == nullptr) return tile + static_cast<int>(gridDim.x);
-    const int next = static_cast<int>(gridDim.x) + atomicAdd(sched, 1);
+    const int next = static_cast<int>(gridDim.x) + drawn;
     if (next >= num_tiles) {
         __threadfence();   // this block's last draw lands before its count-out
         if (atomicAdd(sched + 1, 1) == static_cast<int>(gridDim.x) - 1) {
@@ -315,15 +331,17 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kProducerRegs));
         const int pw = threadIdx.x >> 5;
         if (pw == 0 && (threadIdx.x & 31) == 0) {
-            // K and V: one ring position per key tile, over all tiles of this block
+            // Draws the tiles (queue) and streams K and V: one ring position per key tile, over
+            // all tiles of this block.
             tma_prefetch_map(&tm_k);
             tma_prefetch_map(&tm_v);
             RingPos pos;
             unsigned queued = 0;
 #pragma unroll 1
-            for (;;) {
-                const int tile = queue.pop(queued, false);
+            for (int tile = blockIdx.x;;) {
+                queue.push(queued, tile);
                 if (tile >= num_tiles) break;
+                const int drawn = draw_tile(sched);   // in flight while this tile's loads go out
                 const TileInfo t = decode_tile<BN>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
                 const int kh = (bcast & 8) ? 0 : t.hk, kb1 = (bcast & 16) ? 0 : t.b1, kb0 = (bcast & 32) ? 0 : t.b0;
                 const int vh = (bcast & 64) ? 0 : t.hk, vb1 = (bcast & 128) ? 0 : t.b1, vb0 = (bcast & 256) ? 0 : t.b0;
@@ -343,19 +361,18 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                         tma_load_5d(sV + s * P::kKV + c * (BN * 128u), &tm_v, bar_full_v(s), c * 64, key0, vh, vb1, vb0);
                     pos.advance<STAGES>();
                 }
+                tile = next_tile(tile, drawn, sched, num_tiles);
             }
         } else if (pw == 1 && (threadIdx.x & 31) == 0) {
-            // Draws the tiles (queue) and loads Q: both 64-row halves of every tile, each when its
-            // warpgroup freed it. A tile whose rows see no key (causal, Lq > Lk) gets the same
-            // handshake with no bytes, so the Q barriers' phases follow the queue's entry count.
-            // The next tile is drawn once this one's Q is on its way, i.e. about when the consumers
-            // start on it: late enough to go to a block that is free.
+            // Loads Q: both 64-row halves of every tile, each when its warpgroup freed it. A tile
+            // whose rows see no key (causal, Lq > Lk) gets the same handshake with no bytes, so the
+            // Q barriers' phases follow the queue's entry count.
             tma_prefetch_map(&tm_q);
             unsigned queued = 0;
 #pragma unroll 1
-            for (int tile = blockIdx.x;; tile = next_tile(tile, sched, num_tiles)) {
+            for (;;) {
                 const unsigned parity = queued & 1u;
-                queue.push(queued, tile);
+                const int tile = queue.pop(queued, false);
                 if (tile >= num_tiles) break;
                 const TileInfo t = decode_tile<BN>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
                 const int qh = (bcast & 1) ? 0 : t.h, qb1 = (bcast & 2) ? 0 : t.b1, qb0 = (bcast & 4) ? 0 : t.b0;
@@ -517,6 +534,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
     static_assert(D % 64 == 0 && D >= 64 && D <= 256, "head dim: 64, 128, 192 or 256");
     static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key tile");
     static_assert(Plan<D, BN, STAGES>::kBytes <= 227 * 1024, "shared memory");
+    static_assert(TileQueue::kBytes == 80 && STAGES <= static_cast<int>(TileQueue::kSlots),
+                  "Plan reserves 80 bytes for the tile queue, whose slots cover the K/V ring");
     pingpong_body<T, D, BN, STAGES>(tm_q, tm_k, tm_v, out, lse_out, Lq, Lk, Hq, group, nb1, num_m_blocks,
                                     num_bh, swz_bh, causal, bcast, scale_log2, num_tiles, sched);
 }

@@ -4,6 +4,8 @@ times every variant (and torch's cuDNN) on a row, so clock drift on the card hit
     git show <rev>:kernels_cu/flash_fwd_sm90.cu > kernels_cu/ab_old.cu    # here, before the call
     PYTHONPATH=. python3 tools/ab_sm90.py ab_old.cu                         # on the device
 
+(kernels_cu/ab_*.cu is git-ignored: name the file in the device call's carry.)
+
 Variants: the current source with each grid of _flash_sm90.GRIDS, and each source named on the
 command line (a file in kernels_cu/, taking the current launch arguments; trailing ones it does
 not declare are ignored) with the static grid. Each variant's output is checked against the first's
@@ -22,7 +24,7 @@ bf = np.dtype(cupyattn.bfloat16)
 VARIANTS = [(f"cur/{g}", _flash_sm90.SOURCE, g) for g in _flash_sm90.GRIDS] + \
            [(f"{src.rsplit('.', 1)[0]}/static", src, "static") for src in sys.argv[1:]]
 # (D, L, (BN, STAGES)): the default tiles of each length, and the short tiles at 16k
-ROWS = [(64, 4096, (128, 4)), (128, 4096, (128, 2)), (256, 4096, (64, 2)),
+ROWS = [(64, 1024, (128, 4)), (128, 1024, (128, 2)), (64, 4096, (128, 4)), (128, 4096, (128, 2)), (256, 4096, (64, 2)),
         (64, 16384, (192, 3)), (128, 16384, (176, 2)), (256, 16384, (64, 2)),
         (64, 16384, (128, 4)), (128, 16384, (128, 2))]
 ROUNDS = 7
