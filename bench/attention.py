@@ -538,6 +538,8 @@ def row_cells(r, torch_cols, gbps):
     for t in torch_cols:
         x = (r.get("vs_torch") or {}).get(t)
         cells.append(f"{x:.2f}" if x is not None else "")
+    if r.get("commit"):            # a merged table: which run the row comes from
+        note = f"@{r['commit']}" + (f"; {note}" if note else "")
     if len(note) > 90:
         note = note[:87] + "..."
     cells.append(note)
@@ -559,7 +561,11 @@ def print_tables(rows, meta, file=sys.stdout):
     else:
         title += f" ({meta.get('cpu')}, {meta.get('cpu_count')} cores); NumPy {meta.get('numpy')}"
     print(title, file=file)
-    print(f"commit {meta.get('commit')}  date {meta.get('date')}", file=file)
+    if meta.get("merged_from"):   # rows from several runs: each row's run is in merged_from / the JSON
+        print(f"merged from runs at commits {', '.join(map(str, meta.get('commits', [])))}: "
+              f"{', '.join(meta['merged_from'])}", file=file)
+    else:
+        print(f"commit {meta.get('commit')}  date {meta.get('date')}", file=file)
     print(file=file)
     print(C.format_table(headers, [row_cells(r, torch_cols, gbps) for r in rows], right), file=file)
     print(file=file)
@@ -738,8 +744,8 @@ def merge(args):
         for r in data["rows"]:
             key = (r["group"], r["op"], r["dtype"], r["batch"], r["hq"], r["hkv"], r["lq"], r["lk"], r["d"],
                    r["causal"], r["backend"])
-            rows[key] = r                        # a later file wins
-    meta = dict(metas[0], merged_from=[str(p) for p in args.merge],
+            rows[key] = dict(r, commit=data["meta"].get("commit"))   # a later file wins
+    meta = dict(metas[0], merged_from=[Path(p).name for p in args.merge],
                 commits=sorted({m.get("commit") for m in metas}))
     out = Path(args.out) if args.out else Path(args.merge[0]).with_name(Path(args.merge[0]).stem + "_merged.json")
     finish(list(rows.values()), meta, out, not args.no_plots)

@@ -381,7 +381,7 @@ def main():
                 ok = [(tf[v], v) for v in shown if tf[v] and status.get(v, "").startswith("PASS")]
                 if ok:
                     best, who = max(ok)
-                    base = tf.get("block-per-tile")
+                    base = tf.get("per-tile")
                     best_rows.append((L, d, causal, who, best, c, base))
     print("\n===================== STATUS =====================")
     for v in variants:
