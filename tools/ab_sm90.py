@@ -4,12 +4,14 @@ times every variant (and torch's cuDNN) on a row, so clock drift on the card hit
     git show <rev>:kernels_cu/flash_fwd_sm90.cu > kernels_cu/ab_old.cu    # here, before the call
     PYTHONPATH=. python3 tools/ab_sm90.py ab_old.cu                         # on the device
 
-(kernels_cu/ab_*.cu is git-ignored: name the file in the device call's carry.)
+(kernels_cu/ab_*.cu is git-ignored: name the file in the device call's carry.) AB_ROWS in the
+environment replaces the rows: "D:L:BNxSTAGES,...".
 
 Variants: the current source with each grid of _flash_sm90.GRIDS, and each source named on the
 command line (a file in kernels_cu/, taking the current launch arguments; trailing ones it does
 not declare are ignored) with the static grid. Each variant's output is checked against the first's
 before timing. Prints TFLOP/s (bf16, B*L = 16k tokens, H*D = 2048) and the ratio to cuDNN."""
+import os
 import sys
 
 import numpy as np
@@ -23,10 +25,14 @@ from cupyattn._problem import normalize  # noqa: E402
 bf = np.dtype(cupyattn.bfloat16)
 VARIANTS = [(f"cur/{g}", _flash_sm90.SOURCE, g) for g in _flash_sm90.GRIDS] + \
            [(f"{src.rsplit('.', 1)[0]}/static", src, "static") for src in sys.argv[1:]]
-# (D, L, (BN, STAGES)): the default tiles of each length, and the short tiles at 16k
+# (D, L, (BN, STAGES)): the default tiles of each length, then the other length's tiles at 4k and
+# 16k (is LONG_KEYS, where the wide tiles start, in the right place?)
 ROWS = [(64, 1024, (128, 4)), (128, 1024, (128, 2)), (64, 4096, (128, 4)), (128, 4096, (128, 2)), (256, 4096, (64, 2)),
         (64, 16384, (192, 3)), (128, 16384, (176, 2)), (256, 16384, (64, 2)),
-        (64, 16384, (128, 4)), (128, 16384, (128, 2))]
+        (64, 4096, (192, 3)), (128, 4096, (176, 2)), (64, 16384, (128, 4)), (128, 16384, (128, 2))]
+if os.environ.get("AB_ROWS"):     # e.g. AB_ROWS="128:4096:176x2,64:4096:192x3"
+    ROWS = [(int(d), int(n), tuple(int(x) for x in c.split("x")))
+            for d, n, c in (r.split(":") for r in os.environ["AB_ROWS"].split(","))]
 ROUNDS = 7
 rng = cupy.random.default_rng(1)
 
