@@ -160,12 +160,21 @@ CAUSAL_TILE_ALIGN = 64            # tile rows are a multiple of this (whole GEMM
 def row_tile(problem: Problem) -> int:
     """Query rows per tile: all of them, or for causal problems a slice of the diagonal so that a
     chunk's key range (up to its last row's last visible key) skips most of the upper triangle."""
-    lq = problem.len_q
-    if not problem.causal or lq <= MIN_CAUSAL_TILE:
-        return max(1, lq)
-    per_tile = -(-lq // CAUSAL_TILES)
-    tile = max(MIN_CAUSAL_TILE, -(-per_tile // CAUSAL_TILE_ALIGN) * CAUSAL_TILE_ALIGN)
-    return min(lq, tile)
+    if not problem.causal:
+        return max(1, problem.len_q)
+    return row_tile_for(problem.len_q)
+
+
+def row_tile_for(len_q: int, tiles: Optional[int] = None, min_rows: Optional[int] = None) -> int:
+    """Causal row tile for len_q queries: about len_q / tiles rows (default CAUSAL_TILES), a
+    multiple of CAUSAL_TILE_ALIGN, at least min_rows (default MIN_CAUSAL_TILE)."""
+    tiles = CAUSAL_TILES if tiles is None else tiles
+    min_rows = MIN_CAUSAL_TILE if min_rows is None else min_rows
+    if len_q <= min_rows:
+        return max(1, len_q)
+    per_tile = -(-len_q // tiles)
+    tile = max(min_rows, -(-per_tile // CAUSAL_TILE_ALIGN) * CAUSAL_TILE_ALIGN)
+    return min(len_q, tile)
 
 
 def iter_chunks(num_heads_kv: int, group: int, len_q: int, rows: int,

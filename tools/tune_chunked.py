@@ -3,6 +3,7 @@ correctness check. One device call, well under 90 s (run from the repo root):
 
     PYTHONPATH=. python3 tools/tune_chunked.py            # --quick: L=4k only, no budget sweep
     PYTHONPATH=. python3 tools/tune_chunked.py --softmax  # only the softmax launch sweep (~20 s)
+    PYTHONPATH=. python3 tools/tune_chunked.py --quick --causal   # + the causal row-tile sweep at 4k
 
 bf16, D=128, H=16, B*L = 16k tokens, L in {4k, 16k}, causal and not: chunked forward and fwd+bwd
 (CUDA events, median of 5) against torch `sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)` on the
@@ -328,6 +329,44 @@ def part_budget_sweep(torch):
         log(f"BUDGET L=4096 B=4 causal={'yes' if causal else 'no '} fwd ms: " + " | ".join(line))
 
 
+CAUSAL_TILE_CONFIGS = [(t, m) for t in (4, 8, 16, 32) for m in (128, 256, 512)]   # (CAUSAL_TILES, MIN_CAUSAL_TILE)
+
+
+@contextlib.contextmanager
+def causal_tiles(tiles, min_rows):
+    old = _chunked.CAUSAL_TILES, _chunked.MIN_CAUSAL_TILE
+    _chunked.CAUSAL_TILES, _chunked.MIN_CAUSAL_TILE = tiles, min_rows
+    try:
+        yield
+    finally:
+        _chunked.CAUSAL_TILES, _chunked.MIN_CAUSAL_TILE = old
+
+
+def part_causal_sweep(Ls):
+    """Causal forward time per row-tile plan (CAUSAL_TILES x MIN_CAUSAL_TILE): thinner tiles skip
+    more of the upper triangle but make the products thinner; CAUSAL lines give the forward's
+    time and its products / softmax split (one instrumented forward each)."""
+    H, D, tokens = 16, 128, 16384
+    for L in Ls:
+        B = max(1, tokens // L)
+        q, k, v = make(B, H, L, D)
+        best = None
+        for tiles, min_rows in CAUSAL_TILE_CONFIGS:
+            with causal_tiles(tiles, min_rows):
+                fn = lambda: cupyattn.attention(q, k, v, causal=True, backend="chunked")  # noqa: E731
+                ms = median_ms(fn, reps=3)
+                with StepTimer() as t:
+                    fn()
+                    summ = t.summary()
+            g, sm = summ["gemm"][0], summ["softmax"][0]
+            mark = " (default)" if (tiles, min_rows) == (8, 256) else ""
+            log(f"CAUSAL L={L:5d} tiles={tiles:2d} min_rows={min_rows:3d} row tile {_chunked.row_tile_for(L, tiles, min_rows):5d}: "
+                f"fwd {ms:6.2f} ms | gemm {g:6.2f} ms softmax {sm:6.2f} ms{mark}")
+            if best is None or ms < best[0]:
+                best = (ms, tiles, min_rows)
+        log(f"CAUSAL best L={L}: tiles={best[1]} min_rows={best[2]} {best[0]:.2f} ms")
+
+
 def _ref_f64(q, k, v, causal, mask=None):
     q64, k64, v64 = (a.astype(cupy.float64) for a in (q, k, v))
     s = cupy.matmul(q64, k64.swapaxes(-1, -2)) / math.sqrt(q.shape[-1])
@@ -382,6 +421,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--softmax", action="store_true", help="only the softmax launch sweep")
+    ap.add_argument("--causal", action="store_true", help="correctness, timing, then the causal row-tile sweep only")
     args = ap.parse_args()
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     log(f"GPU {props['name'].decode() if isinstance(props['name'], bytes) else props['name']}, "
@@ -402,6 +442,10 @@ def main():
     part_timing((4096,) if args.quick else (4096, 16384), torch, rows)
     if not args.quick:
         part_budget_sweep(torch)
+    if args.causal or not args.quick:
+        part_causal_sweep((4096,) if args.quick else (4096, 16384))
+        if args.causal:
+            return
     part_softmax_sweep((4096,) if args.quick else (4096, 16384))
     print("\n==== SUMMARY (bf16 D=128 H=16 B*L=16k; ratio = torch-eff ms / chunked ms, target fwd >= 0.6, fwdbwd >= 0.5)")
     by = {}
