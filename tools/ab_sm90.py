@@ -2,14 +2,15 @@
 times every variant (and torch's cuDNN) on a row, so clock drift on the card hits all alike.
 
     git show <rev>:kernels_cu/flash_fwd_sm90.cu > kernels_cu/ab_old.cu    # here, before the call
-    PYTHONPATH=. python3 tools/ab_sm90.py ab_old.cu                         # on the device
+    PYTHONPATH=. python3 tools/ab_sm90.py ab_old.cu:static                  # on the device
 
 (kernels_cu/ab_*.cu is git-ignored: name the file in the device call's carry.) AB_ROWS in the
 environment replaces the rows: "D:L:BNxSTAGES,...".
 
 Variants: the current source with each grid of _flash_sm90.GRIDS, and each source named on the
 command line (a file in kernels_cu/, taking the current launch arguments; trailing ones it does
-not declare are ignored) with the static grid. Each variant's output is checked against the first's
+not declare are ignored) with the dynamic grid, or the grid named after a colon ("ab_old.cu:static";
+a source older than the dynamic scheduler has only the static and per-tile grids). Each variant's output is checked against the first's
 before timing. Prints TFLOP/s (bf16, B*L = 16k tokens, H*D = 2048) and the ratio to cuDNN."""
 import os
 import sys
@@ -23,8 +24,14 @@ from cupyattn import _flash_sm90  # noqa: E402
 from cupyattn._problem import normalize  # noqa: E402
 
 bf = np.dtype(cupyattn.bfloat16)
-VARIANTS = [(f"cur/{g}", _flash_sm90.SOURCE, g) for g in _flash_sm90.GRIDS] + \
-           [(f"{src.rsplit('.', 1)[0]}/static", src, "static") for src in sys.argv[1:]]
+def _extra(arg):
+    """'ab_next.cu' (the dynamic grid) or 'ab_old.cu:static' (a grid of GRIDS)."""
+    src, _, grid = arg.partition(":")
+    grid = grid or "dynamic"
+    return f"{src.rsplit('.', 1)[0]}/{grid}", src, grid
+
+
+VARIANTS = [(f"cur/{g}", _flash_sm90.SOURCE, g) for g in _flash_sm90.GRIDS] + [_extra(a) for a in sys.argv[1:]]
 # (D, L, (BN, STAGES)): the default tiles of each length, then the other length's tiles at 4k and
 # 16k (is LONG_KEYS, where the wide tiles start, in the right place?)
 ROWS = [(64, 1024, (128, 4)), (128, 1024, (128, 2)), (64, 4096, (128, 4)), (128, 4096, (128, 2)), (256, 4096, (64, 2)),
