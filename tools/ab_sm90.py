@@ -10,8 +10,8 @@ environment replaces the rows: "D:L:BNxSTAGES,...".
 Variants: the current source with each grid of _flash_sm90.GRIDS, and each source named on the
 command line (a file in kernels_cu/, taking the current launch arguments; trailing ones it does
 not declare are ignored) with the dynamic grid, or the grid named after a colon ("ab_old.cu:static";
-a source older than the dynamic scheduler has only the static and per-tile grids). Each variant's output is checked against the first's
-before timing. Prints TFLOP/s (bf16, B*L = 16k tokens, H*D = 2048) and the ratio to cuDNN."""
+a source older than the dynamic scheduler has only the static and per-tile grids). Each variant's
+output is checked against the first's before timing. Prints TFLOP/s (bf16, B*L = 16k tokens, H*D = 2048) and the ratio to cuDNN."""
 import os
 import sys
 
