@@ -19,6 +19,7 @@ import ctypes
 import functools
 import itertools
 import math
+import threading
 from typing import List, Tuple
 
 import numpy as np
@@ -400,6 +401,7 @@ def forward(problem: Problem, poison=None, grid=None, checked=False, config=None
 
 
 _counters = {}
+_PER_THREAD_STREAM = 2
 
 
 def _scheduler_counters(device_id: int):
@@ -408,7 +410,10 @@ def _scheduler_counters(device_id: int):
     stream (which run one after the other) can share them without a memset. Streams get their own:
     launches on two streams may run at once."""
     import cupy
-    key = (device_id, cupy.cuda.get_current_stream(device_id).ptr)
+    ptr = cupy.cuda.get_current_stream(device_id).ptr
+    # the per-thread default stream has one handle (cudaStreamPerThread = 2) for a different stream
+    # in every host thread
+    key = (device_id, ptr, threading.get_ident() if ptr == _PER_THREAD_STREAM else 0)
     buf = _counters.get(key)
     if buf is None:
         buf = _counters[key] = cupy.zeros(2, dtype=np.int32)
