@@ -56,6 +56,20 @@ def _run(q, k, v, causal, scale=None, grid=None, config=None):
     return _flash_sm90.forward(problem, poison=True, grid=grid, config=config)
 
 
+def _check_twice(qn, kn, vn, causal, ref=None, grid=None, config=None):
+    """Run the kernel on host inputs, check out and lse against the float64 reference, run it again
+    on the same inputs: identical bits."""
+    import cupy
+    q, k, v = cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn)
+    out, lse = _run(q, k, v, causal, grid=grid, config=config)
+    assert out.dtype == qn.dtype and lse.dtype == FLOAT32
+    _check(qn, kn, vn, out, lse, causal, ref=ref)
+    out2, lse2 = _run(q, k, v, causal, grid=grid, config=config)
+    assert np.array_equal(cupy.asnumpy(out).view(np.uint16), cupy.asnumpy(out2).view(np.uint16)), \
+        "same inputs, different bits"
+    assert np.array_equal(cupy.asnumpy(lse).view(np.uint32), cupy.asnumpy(lse2).view(np.uint32))
+
+
 LONG_TILES = [pytest.param(d, id=f"D{d}") for d in sorted(_flash_sm90.LONG_CONFIGS)]
 
 
@@ -89,18 +103,10 @@ def _check(q, k, v, out, lse, causal, scale=None, ref=None):
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("lq,lk", SHAPES)
 def test_shape_grid(lq, lk, d, causal, gqa, dtype):
-    import cupy
     batch = 2 if lq * lk <= 512 * 512 else 1
     base, ref = _grid_case(lq, lk, d, gqa, causal, batch)
     qn, kn, vn = (a.astype(dtype) for a in base)   # exact
-    q, k, v = cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn)
-    out, lse = _run(q, k, v, causal)
-    assert out.dtype == dtype and lse.dtype == FLOAT32
-    _check(qn, kn, vn, out, lse, causal, ref=ref)
-    out2, lse2 = _run(q, k, v, causal)
-    assert np.array_equal(cupy.asnumpy(out).view(np.uint16), cupy.asnumpy(out2).view(np.uint16)), \
-        "same inputs, different bits"
-    assert np.array_equal(cupy.asnumpy(lse).view(np.uint32), cupy.asnumpy(lse2).view(np.uint32))
+    _check_twice(qn, kn, vn, causal, ref=ref)
 
 
 @pytest.mark.gpu
@@ -112,14 +118,8 @@ def test_shape_grid(lq, lk, d, causal, gqa, dtype):
 @pytest.mark.parametrize("grid", GRIDS)
 def test_both_grids(grid, lq, lk, d, causal, dtype):
     """Every grid (not only the one grid_kind picks), identical bits on repeat."""
-    import cupy
     qn, kn, vn = _inputs((2, HEADS_Q, lq, d), (2, 1, lk, d), dtype, seed=lq + lk + d)
-    q, k, v = cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn)
-    out, lse = _run(q, k, v, causal, grid=grid)
-    _check(qn, kn, vn, out, lse, causal)
-    out2, lse2 = _run(q, k, v, causal, grid=grid)
-    assert np.array_equal(cupy.asnumpy(out).view(np.uint16), cupy.asnumpy(out2).view(np.uint16))
-    assert np.array_equal(cupy.asnumpy(lse).view(np.uint32), cupy.asnumpy(lse2).view(np.uint32))
+    _check_twice(qn, kn, vn, causal, grid=grid)
 
 
 @pytest.mark.gpu
@@ -132,15 +132,8 @@ def test_both_grids(grid, lq, lk, d, causal, dtype):
 def test_long_key_tiles(grid, lq, lk, d, causal, dtype):
     """The wide key tiles that long key ranges run with (LONG_CONFIGS), forced on short shapes:
     partial key tiles, rows that see nothing, GQA; identical bits on repeat."""
-    import cupy
-    config = _flash_sm90.LONG_CONFIGS[d]
     qn, kn, vn = _inputs((2, HEADS_Q, lq, d), (2, 2, lk, d), dtype, seed=lq + 3 * lk + d)
-    q, k, v = cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn)
-    out, lse = _run(q, k, v, causal, grid=grid, config=config)
-    _check(qn, kn, vn, out, lse, causal)
-    out2, lse2 = _run(q, k, v, causal, grid=grid, config=config)
-    assert np.array_equal(cupy.asnumpy(out).view(np.uint16), cupy.asnumpy(out2).view(np.uint16))
-    assert np.array_equal(cupy.asnumpy(lse).view(np.uint32), cupy.asnumpy(lse2).view(np.uint32))
+    _check_twice(qn, kn, vn, causal, grid=grid, config=_flash_sm90.LONG_CONFIGS[d])
 
 
 @pytest.mark.gpu
