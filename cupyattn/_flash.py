@@ -20,7 +20,7 @@ import numpy as np
 from . import _flash_bwd, _flash_sm90
 from ._kernels import KernelSpec
 from ._layout import collapse_batch as _collapse_batch, device_props as _device_props, elem_strides as _elem_strides
-from ._layout import flash_input_reasons
+from ._layout import flash_input_reasons, launch_offsets, vector_ok
 from ._problem import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, Problem
 from ._registry import Backend
 
@@ -289,26 +289,17 @@ class FlashBackend(Backend):
         def ptr(a, off=0):
             return np.uint64(a.data.ptr + off * a.itemsize) if a is not None else np.uint64(0)
 
-        def vec_ok(a, width_, ptr_value, strides):
-            return (width_ % 8 == 0 and int(ptr_value) % 16 == 0
-                    and all(s % 8 == 0 for s in strides))
-
         for launch in range(plan.launches):
             # element offsets of this launch's slice of the looped (outer) batch levels
-            offs = [0] * len(tensors)
-            rem = launch
-            for n, st in reversed(outer_levels):
-                idx = rem % n
-                rem //= n
-                offs = [o + idx * s for o, s in zip(offs, st)]
+            offs = launch_offsets(launch, outer_levels, len(tensors))
             pq, pk, pv = ptr(q, offs[0]), ptr(k, offs[1]), ptr(v, offs[2])
             pm = ptr(mask, offs[3]) if mask is not None else np.uint64(0)
             sq = (st0[0], st1[0]) + tuple(tail[0][:2])
             sk = (st0[1], st1[1]) + tuple(tail[1][:2])
             sv = (st0[2], st1[2]) + tuple(tail[2][:2])
             sm = ((st0[3], st1[3]) + tuple(tail[3][:3])) if mask is not None else (0,) * 5
-            vec = ((1 if vec_ok(q, d, pq, sq) else 0) | (2 if vec_ok(k, d, pk, sk) else 0)
-                   | (4 if vec_ok(v, dv, pv, sv) else 0))
+            vec = ((1 if vector_ok(d, pq, sq) else 0) | (2 if vector_ok(d, pk, sk) else 0)
+                   | (4 if vector_ok(dv, pv, sv) else 0))
             out_off = launch * launch_rows
             o_ptr = np.uint64(out.data.ptr + out_off * dv * out.itemsize)
             l_ptr = np.uint64(lse.data.ptr + out_off * 4)

@@ -26,7 +26,7 @@ import numpy as np
 from . import _flash_bwd_sm90
 from ._kernels import KernelSpec
 from ._layout import collapse_batch as _collapse_batch, device_props as _device_props, elem_strides as _elem_strides
-from ._layout import flash_input_reasons
+from ._layout import flash_input_reasons, launch_offsets, vector_ok
 from ._problem import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, Problem
 
 SOURCE = "flash_bwd.cu"
@@ -348,16 +348,8 @@ def flash_backward(problem: Problem, dout, out, lse, deterministic: bool = False
     main_grid = num_n_blocks * hkv * launch_batch
     dq_grid = num_m_blocks * hq * launch_batch
 
-    def vec_ok(width_, ptr_value, strides):
-        return width_ % 8 == 0 and int(ptr_value) % 16 == 0 and all(s % 8 == 0 for s in strides)
-
     for launch in range(launches):
-        offs = [0] * len(tensors)
-        rem = launch
-        for n, st in reversed(outer_levels):
-            idx = rem % n
-            rem //= n
-            offs = [o + idx * s for o, s in zip(offs, st)]
+        offs = launch_offsets(launch, outer_levels, len(tensors))
         pq, pk, pv = ptr(q, offs[0]), ptr(k, offs[1]), ptr(v, offs[2])
         pm = ptr(mask, offs[3]) if masked else np.uint64(0)
         sq = (st0[0], st1[0]) + tuple(tail[0][:2])
@@ -366,8 +358,8 @@ def flash_backward(problem: Problem, dout, out, lse, deterministic: bool = False
         sm = ((st0[3], st1[3]) + tuple(tail[3][:3])) if masked else (0,) * 5
         qoff = launch * q_rows
         p_do = ptr(dout, qoff * dv_dim)
-        vec = ((1 if vec_ok(d, pq, sq) else 0) | (2 if vec_ok(d, pk, sk) else 0)
-               | (4 if vec_ok(dv_dim, pv, sv) else 0) | (8 if vec_ok(dv_dim, p_do, ()) else 0))
+        vec = ((1 if vector_ok(d, pq, sq) else 0) | (2 if vector_ok(d, pk, sk) else 0)
+               | (4 if vector_ok(dv_dim, pv, sv) else 0) | (8 if vector_ok(dv_dim, p_do, ()) else 0))
         p_l2, p_dl = ptr(lse2, qoff), ptr(delta, qoff)
         p_dq = ptr(dq, qoff * d)
         koff = launch * kv_rows

@@ -27,6 +27,25 @@ def collapse_batch(shape, strides_per_tensor) -> List[Tuple[int, list]]:
     return merged
 
 
+def launch_offsets(launch: int, outer_levels, count: int) -> List[int]:
+    """Element offsets of `count` tensors in launch number `launch` of a loop over the outer batch
+    levels [(size, [stride of each tensor])] (collapse_batch's order, outermost first; the last
+    level varies fastest across launches)."""
+    offs = [0] * count
+    rem = launch
+    for n, st in reversed(outer_levels):
+        idx = rem % n
+        rem //= n
+        offs = [o + idx * s for o, s in zip(offs, st)]
+    return offs
+
+
+def vector_ok(width: int, ptr_value, strides) -> bool:
+    """Whether rows of `width` 2-byte elements at address ptr_value with these element strides can
+    be read in 16-byte vectors (8 elements): width, address and every stride aligned."""
+    return width % 8 == 0 and int(ptr_value) % 16 == 0 and all(s % 8 == 0 for s in strides)
+
+
 def flash_input_reasons(problem, max_head_dim: int, max_rows: int):
     """(reasons, device properties or None): what rules out every flash kernel (forward and
     backward) for `problem`: NumPy inputs, a dtype other than float16/bfloat16, head dims past

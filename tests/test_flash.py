@@ -45,6 +45,20 @@ def test_batch_collapse():
     assert _flash._collapse_batch((2, 1, 3), [(60, 7, 10)]) == [(2, [60]), (3, [10])]
 
 
+def test_launch_offsets_and_vector_check():
+    """The launchers' loop over outer batch levels visits every index once, last level fastest,
+    at each tensor's own strides; 16-byte vectors need width, address and strides aligned."""
+    import itertools
+    from cupyattn._layout import launch_offsets, vector_ok
+    levels = [(2, [100, 0]), (3, [7, 5])]          # tensor 1 broadcast along the first level
+    got = [launch_offsets(i, levels, 2) for i in range(6)]
+    want = [[a * 100 + b * 7, b * 5] for a, b in itertools.product(range(2), range(3))]
+    assert got == want
+    assert launch_offsets(0, [], 3) == [0, 0, 0]
+    assert vector_ok(64, 256, (64, 8)) and vector_ok(8, 16, ())
+    assert not vector_ok(60, 256, ()) and not vector_ok(64, 258, ()) and not vector_ok(64, 256, (4,))
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU
 
