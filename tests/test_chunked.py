@@ -757,14 +757,15 @@ EMULATED_CASES = [
 ]
 
 
+# the float64 cases keep their dtype; the others run in float32 and in bfloat16
+_EMULATED = [pytest.param(c if c.dtype == F64 else c.with_(dtype=dt), id=f"{i}-{np.dtype(c.dtype if c.dtype == F64 else dt)}")
+             for i, c in enumerate(EMULATED_CASES)
+             for dt in ((F64,) if c.dtype == F64 else (np.dtype(np.float32), np.dtype(cupyattn.bfloat16)))]
+
+
 @pytest.mark.parametrize("layout", ("plain", "blhd", "fortran", "reversed", "broadcast"))
-@pytest.mark.parametrize("case", EMULATED_CASES)
-@pytest.mark.parametrize("dtype", (np.dtype(np.float32), cupyattn.bfloat16), ids=str)
-def test_cupy_path_emulated(monkeypatch, case, dtype, layout):
-    if case.dtype != F64:
-        case = case.with_(dtype=dtype)
-    elif dtype != np.float32:
-        pytest.skip("float64 cases run once")
+@pytest.mark.parametrize("case", _EMULATED)
+def test_cupy_path_emulated(monkeypatch, case, layout):
     if case.causal:    # small tiles, so these small causal problems are cut along the diagonal
         monkeypatch.setattr(_chunked, "MIN_CAUSAL_TILE", 4)
         monkeypatch.setattr(_chunked, "CAUSAL_TILES", 5)
