@@ -5,7 +5,8 @@ times every variant (and torch's cuDNN) on a row, so clock drift on the card hit
     PYTHONPATH=. python3 tools/ab_sm90.py ab_old.cu:static                  # on the device
 
 (kernels_cu/ab_*.cu is git-ignored: name the file in the device call's carry.) AB_ROWS in the
-environment replaces the rows: "D:L:BNxSTAGES,...".
+environment replaces the rows: "D:L:BNxSTAGES,..."; AB_GRIDS="dynamic,per-tile" picks the grids the current
+source runs with (all of GRIDS by default).
 
 Variants: the current source with each grid of _flash_sm90.GRIDS, and each source named on the
 command line (a file in kernels_cu/, taking the current launch arguments; trailing ones it does
@@ -31,7 +32,8 @@ def _extra(arg):
     return f"{src.rsplit('.', 1)[0]}/{grid}", src, grid
 
 
-VARIANTS = [(f"cur/{g}", _flash_sm90.SOURCE, g) for g in _flash_sm90.GRIDS] + [_extra(a) for a in sys.argv[1:]]
+GRIDS = os.environ.get("AB_GRIDS", ",".join(_flash_sm90.GRIDS)).split(",")
+VARIANTS = [(f"cur/{g}", _flash_sm90.SOURCE, g) for g in GRIDS] + [_extra(a) for a in sys.argv[1:]]
 # (D, L, (BN, STAGES)): the default tiles of each length, then the other length's tiles at 4k and
 # 16k (is LONG_KEYS, where the wide tiles start, in the right place?)
 ROWS = [(64, 1024, (128, 4)), (128, 1024, (128, 2)), (64, 4096, (128, 4)), (128, 4096, (128, 2)), (256, 4096, (64, 2)),
