@@ -1,7 +1,8 @@
 """The chunked (memory-efficient) backend: query chunks over all keys in a bounded workspace.
 
-One Python driver serves NumPy and CuPy. Per batch element, the (Hkv, G, Lq) query rows are cut
-into rectangular chunks (several kv heads, several groups of one head, or a range of rows of one
+One Python driver serves NumPy and CuPy. The batch axes are folded into the head axis where the
+arrays' strides allow it as a view (`fold_batch`), else the driver goes one batch element at a
+time. The (Hkv, G, Lq) query rows are cut into rectangular chunks (several kv heads, several groups of one head, or a range of rows of one
 query head), sized so the chunk's intermediates fit the workspace budget. Per chunk:
 
     S   = Q_c K^T                  (batched GEMM; float32 result for half inputs, never rounded)
@@ -41,7 +42,7 @@ import contextlib
 import contextvars
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -939,7 +940,55 @@ def _steps(problem: Problem):
 # ---------------------------------------------------------------------------------------------
 # The driver.
 
+def merged_heads(a, nbatch: int):
+    """`a` (batch..., H, ...) as a view (1, B*H, ...) with the batch axes folded into the head axis,
+    or None where the strides do not allow a view (a batch axis broadcast with stride 0 over
+    heads that are not, say). Head index b*H + h is then batch element b's head h."""
+    lead, strides = a.shape[:nbatch + 1], a.strides[:nbatch + 1]
+    inner_stride = inner_count = None           # the innermost axis of more than one element
+    for size, stride in zip(reversed(lead), reversed(strides)):
+        if size == 1:
+            continue
+        if inner_stride is not None and stride != inner_stride * inner_count:
+            return None
+        if inner_stride is None:
+            inner_stride, inner_count = stride, 1
+        inner_count *= size
+    return a.reshape((1, math.prod(lead)) + a.shape[nbatch + 1:])
+
+
+def fold_batch(problem: Problem, *others) -> Optional[tuple]:
+    """(problem with batch_shape (1,) and B*H heads, *others merged alike), or None where the batch
+    has one element or some array cannot be folded without a copy. Chunks may then span batch
+    elements: fewer, larger products and launches (the causal diagonal's first row tiles, short
+    sequences with many batch elements), and the same rows and keys per score row, so every
+    row's result is what the per-batch chunks give."""
+    nb = len(problem.batch_shape)
+    if problem.batch_size == 1:
+        return None
+    arrays = (problem.q, problem.k, problem.v) + ((problem.mask,) if problem.mask is not None else ()) + others
+    merged = [merged_heads(a, nb) for a in arrays]
+    if any(m is None for m in merged):
+        return None
+    q, k, v = merged[:3]
+    mask = merged[3] if problem.mask is not None else None
+    folded = replace(problem, q=q, k=k, v=v, mask=mask, batch_shape=(1,),
+                                 num_heads_q=q.shape[1], num_heads_kv=k.shape[1])
+    return (folded,) + tuple(merged[len(arrays) - len(others):])
+
+
+def batch_folded(problem: Problem) -> Problem:
+    """The problem the forward runs: folded (fold_batch) where it can be."""
+    folded = fold_batch(problem)
+    return problem if folded is None else folded[0]
+
+
 def chunked_forward(problem: Problem, budget: Optional[int] = None):
+    folded = fold_batch(problem)
+    if folded is not None:
+        out, lse = chunked_forward(folded[0], budget)
+        rows = problem.batch_shape + (problem.num_heads_q, problem.len_q)
+        return out.reshape(rows + (problem.head_dim_v,)), lse.reshape(rows)
     xp, ct, dt = problem.xp, problem.compute_dtype, problem.dtype
     steps = _steps(problem)
     rows = chunk_rows(problem, "forward", budget)
@@ -958,6 +1007,11 @@ def chunked_forward(problem: Problem, budget: Optional[int] = None):
 
 
 def chunked_backward(problem: Problem, dout, out, lse, budget: Optional[int] = None):
+    folded = fold_batch(problem, dout, out, lse)
+    if folded is not None:
+        f_problem, f_dout, f_out, f_lse = folded
+        dq, dk, dv = chunked_backward(f_problem, f_dout, f_out, f_lse, budget)
+        return dq.reshape(problem.q.shape), dk.reshape(problem.k.shape), dv.reshape(problem.v.shape)
     xp, ct, dt = problem.xp, problem.compute_dtype, problem.dtype
     steps = _steps(problem)
     rows = chunk_rows(problem, "backward", budget)
@@ -998,6 +1052,10 @@ class ChunkedBackend(Backend):
     def notes(self, problem):
         budget = workspace_budget(problem)
         out = []
+        if problem.batch_size > 1:
+            out.append("batch elements folded into the head axis (chunks may span them)" if fold_batch(problem)
+                       else "one batch element at a time (its strides do not fold into the head axis)")
+        problem = batch_folded(problem)
         for direction in ("forward", "backward"):
             rows = chunk_rows(problem, direction, budget)
             out.append(f"{direction}: chunks of {rows} query rows x {problem.len_k} keys, "

@@ -853,10 +853,13 @@ def test_cupy_path_calls_per_chunk(monkeypatch, causal, heads_q, heads_kv):
         budget = budget_for_rows(case, rows, "backward")
         devices.clear()
         run(np, case, inputs, budget=budget, dout=dout)
+        # the two batch elements fold into the head axis (fold_batch): one pass over 2*H heads
+        folded = _chunked.batch_folded(problem)
+        assert folded.batch_shape == (1,) and folded.num_heads_q == 2 * heads_q
         for dev, direction, kinds in ((devices[0], "forward", ["softmax"]),
                                       (devices[1], "backward", ["recompute", "dscores"])):
-            chunks = _chunked.problem_chunks(problem, _chunked.chunk_rows(problem, direction, budget))
-            assert [k for k, *_ in dev.launches] == kinds * (2 * len(chunks))     # two batch elements
+            chunks = _chunked.problem_chunks(folded, _chunked.chunk_rows(folded, direction, budget))
+            assert [k for k, *_ in dev.launches] == kinds * len(chunks)
             calls = 0
             for h0, h1, g0, g1, *_ in chunks:
                 # products over the chunk's rows; dV and dK sum over the group (a loop over it)
@@ -865,7 +868,48 @@ def test_cupy_path_calls_per_chunk(monkeypatch, causal, heads_q, heads_kv):
                     calls += rows_products * min(h1 - h0, g1 - g0) + sum_products * (g1 - g0)
                 else:
                     calls += rows_products + sum_products
-            assert len(dev.gemms) == 2 * calls, (direction, rows)
+            assert len(dev.gemms) == calls, (direction, rows)
+
+
+def test_merged_heads_is_a_view_or_none():
+    """Batch axes fold into the head axis only as a view: contiguous and row-sliced arrays fold,
+    size-1 axes of any stride are ignored, a batch axis broadcast over distinct heads does not fold,
+    a mask broadcast over batch and heads alike folds (stride 0 throughout)."""
+    base = np.arange(2 * 3 * 5 * 7 * 4, dtype=np.float32).reshape(2, 3, 5, 7, 4)
+    for a, nb in ((base, 2), (base[:, :, :, 1:6], 2), (base[:1], 2), (base[0], 1),
+                  (np.broadcast_to(base[:1, :1, :1], (2, 3, 1, 7, 4)).reshape(2, 3, 1, 7, 4), 2),
+                  (np.broadcast_to(base[0, 0, :1], (2, 3, 5, 7, 4)), 2)):
+        m = _chunked.merged_heads(a, nb)
+        assert m is not None and np.shares_memory(m, a), (a.shape, a.strides)
+        assert m.shape == (1, int(np.prod(a.shape[:nb + 1]))) + a.shape[nb + 1:]
+        np.testing.assert_array_equal(m[0], a.reshape((-1,) + a.shape[nb + 1:]))
+    for a, nb in ((base[:, :, ::2], 2), (base[:, :, 1:4], 2), (base[:, :1], 2), (base.swapaxes(0, 1), 2),
+                  (np.broadcast_to(base[:1], (2, 3, 5, 7, 4)), 2)):
+        assert _chunked.merged_heads(a, nb) is None, (a.shape, a.strides)
+
+
+@pytest.mark.parametrize("causal", (False, True))
+def test_batch_fold_matches_per_batch(monkeypatch, causal):
+    """A GQA problem with a bias broadcast over the batch folds (fold_batch) and gives, within
+    rounding, what one batch element at a time gives; K broadcast over the batch does not fold."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 3, 4, 37, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 3, 2, 29, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 3, 2, 29, 8)).astype(np.float32)
+    bias = np.broadcast_to(rng.standard_normal((37, 29)).astype(np.float32), (2, 3, 4, 37, 29))
+    problem = cupyattn._api.normalize(q, k, v, mask=bias, causal=causal)
+    assert _chunked.fold_batch(problem) is not None
+    assert _chunked.fold_batch(cupyattn._api.normalize(q, k[:1], v[:1], causal=causal)) is None
+    budget = 40 * _chunked.bytes_per_row(problem, "backward")        # chunks of 40 rows: several per head
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    out, lse = _chunked.chunked_forward(problem, budget)
+    grads = _chunked.chunked_backward(problem, dout, out, lse, budget)
+    monkeypatch.setattr(_chunked, "fold_batch", lambda *a: None)
+    out1, lse1 = _chunked.chunked_forward(problem, budget)
+    grads1 = _chunked.chunked_backward(problem, dout, out1, lse1, budget)
+    for a, b in zip((out, lse) + tuple(grads), (out1, lse1) + tuple(grads1)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_tensor_addresses_match_views():
