@@ -2,8 +2,8 @@
 
 One Python driver serves NumPy and CuPy. The batch axes are folded into the head axis where the
 arrays' strides allow it as a view (`fold_batch`), else the driver goes one batch element at a
-time. The (Hkv, G, Lq) query rows are cut into rectangular chunks (several kv heads, several groups of one head, or a range of rows of one
-query head), sized so the chunk's intermediates fit the workspace budget. Per chunk:
+time. The (Hkv, G, Lq) query rows are cut into rectangular chunks (several kv heads, several
+groups of one head, or a range of rows of one query head), sized so the chunk's intermediates fit the workspace budget. Per chunk:
 
     S   = Q_c K^T                  (batched GEMM; float32 result for half inputs, never rounded)
     P   = fused softmax step(S)    (scale, causal, mask/bias, row max/sum, normalise, lse)
