@@ -4,6 +4,7 @@ correctness check. One device call, well under 90 s (run from the repo root):
     PYTHONPATH=. python3 tools/tune_chunked.py            # --quick: L=4k only, no budget sweep
     PYTHONPATH=. python3 tools/tune_chunked.py --softmax  # only the softmax launch sweep (~20 s)
     PYTHONPATH=. python3 tools/tune_chunked.py --quick --causal   # + the causal row-tile sweep at 4k
+    PYTHONPATH=. python3 tools/tune_chunked.py --quick --budget   # + the workspace budget sweep, 4k and 16k
 
 bf16, D=128, H=16, B*L = 16k tokens, L in {4k, 16k}, causal and not: chunked forward and fwd+bwd
 (CUDA events, median of 5) against torch `sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)` on the
@@ -317,16 +318,23 @@ def part_softmax_sweep(Ls):
         log(f"SOFTMAX best {tag}: {name} {bw:.2f} TB/s")
 
 
-def part_budget_sweep(torch):
-    H, D, L, B = 16, 128, 4096, 4
-    q, k, v = make(B, H, L, D, seed=1)
-    for causal in (False, True):
-        line = []
-        for mib in (64, 128, 256, 512):
-            with cupyattn.workspace(mib << 20):
-                ms = median_ms(lambda: cupyattn.attention(q, k, v, causal=causal, backend="chunked"), reps=3)
-            line.append(f"{mib}MiB {ms:6.2f}")
-        log(f"BUDGET L=4096 B=4 causal={'yes' if causal else 'no '} fwd ms: " + " | ".join(line))
+BUDGETS_MIB = (8, 16, 32, 64, 128, 256, 512)
+
+
+def part_budget_sweep(Ls):
+    """Forward time against the workspace budget. Small budgets make more, smaller chunks (more
+    host work and launches) whose scores may stay in L2 between the products and the softmax."""
+    H, D = 16, 128
+    for L in Ls:
+        B = max(1, 16384 // L)
+        q, k, v = make(B, H, L, D, seed=1)
+        for causal in (False, True):
+            line = []
+            for mib in BUDGETS_MIB:
+                with cupyattn.workspace(mib << 20):
+                    ms = median_ms(lambda: cupyattn.attention(q, k, v, causal=causal, backend="chunked"), reps=3)
+                line.append(f"{mib}MiB {ms:6.2f}")
+            log(f"BUDGET L={L:5d} B={B} causal={'yes' if causal else 'no '} fwd ms: " + " | ".join(line))
 
 
 CAUSAL_TILE_CONFIGS = [(t, m) for t in (4, 8, 16, 32) for m in (128, 256, 512)]   # (CAUSAL_TILES, MIN_CAUSAL_TILE)
@@ -422,6 +430,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--softmax", action="store_true", help="only the softmax launch sweep")
     ap.add_argument("--causal", action="store_true", help="correctness, timing, then the causal row-tile sweep only")
+    ap.add_argument("--budget", action="store_true", help="correctness, timing, then the workspace budget sweep only")
     args = ap.parse_args()
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     log(f"GPU {props['name'].decode() if isinstance(props['name'], bytes) else props['name']}, "
@@ -440,8 +449,11 @@ def main():
     ok = part_correctness()
     rows = []
     part_timing((4096,) if args.quick else (4096, 16384), torch, rows)
+    if args.budget:
+        part_budget_sweep((4096, 16384))
+        return
     if not args.quick:
-        part_budget_sweep(torch)
+        part_budget_sweep((4096,))
     if args.causal or not args.quick:
         part_causal_sweep((4096,) if args.quick else (4096, 16384))
         if args.causal:
