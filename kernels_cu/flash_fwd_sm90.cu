@@ -1,17 +1,19 @@
 // Flash attention forward for Hopper (sm_90a): TMA + mbarrier ring + wgmma, warp-specialised.
 //
-// One block (384 threads) works on tiles of BLOCK_M = 128 query rows of one (batch, q-head):
+// One block (128 * (CONSUMERS + 1) threads) works on tiles of BLOCK_M = 64 * CONSUMERS query rows
+// of one (batch, q-head); CONSUMERS is 2 (384 threads, 128 rows) or 3 (512 threads, 192 rows, D=64
+// only, see Roles):
 //   warpgroup 0   producer: after setmaxnreg.dec, warp 0 draws the tiles (below) and streams K
 //                 and V tiles by TMA into a STAGES-deep shared-memory ring (full barriers carry the
 //                 transaction bytes, empty barriers are released by the consumers, K and V
-//                 separately); warp 1 loads Q, one 64-row half per consumer warpgroup.
-//   warpgroups 1,2 consumers: each owns 64 query rows. Per key tile: S = Q K^T with wgmma
+//                 separately); warp 1 loads Q, one 64-row part per consumer warpgroup.
+//   warpgroups 1..CONSUMERS consumers: each owns 64 query rows. Per key tile: S = Q K^T with wgmma
 //                 (A = Q and B = K from shared memory, K-major, 128-byte swizzle), online softmax
 //                 in registers (exp2, scale*log2(e) folded in), P converted in registers to the
 //                 wgmma A-fragment layout, O += P V with wgmma (A from registers, B = V from
 //                 shared memory, MN-major, i.e. trans-b).
-// Overlap, at two levels (see pingpong_body): the two consumer warpgroups take turns on the
-// tensor cores (ping-pong), so one's softmax runs under the other's GEMMs; and inside a warpgroup
+// Overlap, at two levels (see pingpong_body): the consumer warpgroups take turns on the tensor
+// cores (ping-pong, round robin with three), so one's softmax runs under the others' GEMMs; and inside a warpgroup
 // the S GEMM of tile i is issued together with the PV GEMM of tile i-1, so the softmax of tile i
 // runs while that PV GEMM is still on the tensor cores.
 // Key tiles are visited from the last to the first so the masked tiles (the causal diagonal, the
@@ -23,8 +25,9 @@
 // long as every chunk starts 1024-byte aligned).
 //
 // Template parameters: T (__half / __nv_bfloat16), D (head dim = Dv: 64, 128, 256), BN (keys per
-// tile), STAGES (ring depth). The host launches one block per tile or, for a persistent grid, one
-// per SM; num_tiles is the number of 128-row tiles (m-blocks x batch x heads). A block starts at
+// tile), STAGES (ring depth), CONSUMERS (consumer warpgroups, 2 by default, or 3). The host launches
+// one block per tile or, for a persistent grid, one per SM; num_tiles is the number of BLOCK_M-row
+// tiles (m-blocks x batch x heads). A block starts at
 // tile blockIdx.x and then takes
 //   * with sched == nullptr: blockIdx.x + gridDim.x, + 2 gridDim.x, ... (static stride);
 //   * with sched (two ints, zero at launch): gridDim.x + atomicAdd(sched, 1), i.e. the next tile
@@ -46,22 +49,38 @@
 
 namespace sm90 {
 
-constexpr int kBlockM = 128;          // query rows per block (2 consumer warpgroups x 64)
-constexpr int kThreads = 384;         // producer warpgroup + 2 consumer warpgroups
-constexpr int kProducerRegs = 40;
-constexpr int kConsumerRegs = 232;    // 40*128 + 232*256 = 64512 = 168*384 (the entry budget)
+// The block's shape for CONSUMERS consumer warpgroups (2 or 3) of 64 query rows each, plus the
+// producer warpgroup. setmaxnreg moves registers from the producer to the consumers; the budget
+// is the 64K-register file of one SM (one block per SM):
+//   2 consumers: 40*128 + 232*256 = 64512 = 168*384 (the entry budget at 384 threads);
+//   3 consumers: 32*128 + 160*384 = 65536 = 128*512, the whole file (the entry budget at 512
+//                threads). D=64 only: O, S and P of a 64 x BN tile need 32 + BN/2 + BN/4 registers
+//                of the 160, 128 at BN=128 (BN=192 spills). The producer spilled 24 bytes at 24
+//                registers (its tile decoding and six TMA coordinates), so it keeps 32.
+template <int CONSUMERS>
+struct Roles {
+    static_assert(CONSUMERS == 2 || CONSUMERS == 3, "2 or 3 consumer warpgroups");
+    static constexpr int kBlockM = 64 * CONSUMERS;          // query rows per block
+    static constexpr int kThreads = 128 * (CONSUMERS + 1);  // producer warpgroup + consumers
+    static constexpr int kProducerRegs = CONSUMERS == 2 ? 40 : 32;
+    static constexpr int kConsumerRegs = CONSUMERS == 2 ? 232 : 160;
+    static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0, "setmaxnreg takes multiples of 8");
+    static_assert(kProducerRegs >= 24 && kConsumerRegs <= 256, "setmaxnreg range");
+    static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * CONSUMERS <= 65536, "register file");
+};
 
 // Shared-memory plan (byte offsets from a 1024-aligned base). The host repeats smem_bytes().
-template <int D, int BN, int STAGES>
+template <int D, int BN, int STAGES, int CONSUMERS>
 struct Plan {
     static constexpr unsigned kChunks = D / 64;                 // 64-column (128-byte) chunks
-    static constexpr unsigned kQHalf = 64u * D * 2;             // one consumer's 64 Q rows
-    static constexpr unsigned kQ = 2 * kQHalf;
+    static constexpr unsigned kQPart = 64u * D * 2;             // one consumer's 64 Q rows
+    static constexpr unsigned kQ = CONSUMERS * kQPart;
     static constexpr unsigned kKV = unsigned(BN) * D * 2;       // one stage of K (or of V)
     static constexpr unsigned kOffK = kQ;
     static constexpr unsigned kOffV = kOffK + STAGES * kKV;
     static constexpr unsigned kOffBar = kOffV + STAGES * kKV;
-    static constexpr unsigned kBars = 4 + 4 * STAGES;   // Q full/empty per consumer; K, V full/empty per stage
+    // Q full/empty per consumer; K, V full/empty per stage
+    static constexpr unsigned kBars = 2 * CONSUMERS + 4 * STAGES;
     static constexpr unsigned kOffQueue = kOffBar + 8 * kBars;       // TileQueue: 4 x (full, empty, int)
     static constexpr unsigned kBytes = kOffQueue + 80 + 1024;        // + slack for aligning the base
 };
@@ -107,11 +126,17 @@ __device__ __forceinline__ void rescale(float (&o)[D / 2], float corr_lo, float 
 // for a persistent grid (each block loops over tiles blockIdx.x, +gridDim.x, ...; the host may
 // also launch one block per tile, then the loop runs once).
 //
-//  * The two consumer warpgroups take turns on the tensor cores: before issuing its GEMMs a
-//    warpgroup waits on its own named barrier (3 + w, 256 threads) and after issuing them it
-//    arrives on the other's (4 - w), so one warpgroup's softmax runs under the other's GEMMs.
-//    Warpgroup 0 pre-arrives once on its barrier to go first and syncs once more at the very end,
-//    so both barriers are balanced when the block exits.
+//  * The consumer warpgroups take turns on the tensor cores, round robin: before issuing its
+//    GEMMs warpgroup w waits on its own named barrier (3 + w, 256 threads: its own 128 plus the
+//    128 of the arriving warpgroup) and after issuing them it arrives on the next one's
+//    (3 + (w + 1) % CONSUMERS; with two, 4 - w), so one warpgroup's softmax runs under the
+//    others' GEMMs. Every warpgroup of a block walks the same tiles with the same key-tile count
+//    (n_tiles is per tile, not per warpgroup), so all take the same number N of turns: barrier
+//    3 + w (w > 0) sees N arrivals from warpgroup w - 1 and N syncs of w. Warpgroup 0 pre-arrives
+//    once on its own barrier to go first and syncs once more at the very end (taking the last
+//    arrival of warpgroup CONSUMERS - 1), so barrier 3 sees N + 1 of each too and every barrier is
+//    balanced when the block exits. A warpgroup cannot arrive twice on a barrier before its owner
+//    has synced: its next arrival needs its own next turn, which needs the whole ring to go round.
 //  * K and V have their own empty barriers: a K stage is released as soon as its S GEMM is done,
 //    a V stage when its PV GEMM is done, so the producer refills K early (the intra-warpgroup
 //    overlap otherwise leaves the ring almost no slack with two stages).
@@ -191,16 +216,17 @@ __device__ __forceinline__ void rescale_if_needed(float (&o)[D / 2], float corr_
     if (__any_sync(0xffffffffu, (corr_lo != 1.f) | (corr_hi != 1.f))) rescale<D>(o, corr_lo, corr_hi);
 }
 
-// Hands tile indices from the drawing thread (the K/V producer) to the Q loader thread and the 8
-// consumer warps: kSlots slots, each an int with a full and an empty mbarrier; as many slots as
+// Hands tile indices from the drawing thread (the K/V producer) to the Q loader thread and the
+// 4 * CONSUMERS consumer warps: kSlots slots, each an int with a full and an empty mbarrier; as many slots as
 // the deepest K/V ring, so that the producer can run that many (one-key-tile) tiles ahead. Each
 // side counts the entries it has passed (n): entry n uses slot n % kSlots, in fill n / kSlots of
 // that slot (one counter instead of a RingPos: the consumers are one register short at D=128,
 // BN=176).
+template <int CONSUMERS>
 struct TileQueue {
     static constexpr unsigned kSlots = 4;
     static constexpr unsigned kBytes = 20 * kSlots;  // full[kSlots], empty[kSlots], value[kSlots]
-    static constexpr unsigned kReaders = 1 + 8;     // Q loader thread + one lane per consumer warp
+    static constexpr unsigned kReaders = 1 + 4 * CONSUMERS;   // Q loader thread + one lane per consumer warp
     unsigned base;                                  // kOffQueue
     __device__ unsigned full(unsigned n) const { return base + 8u * (n % kSlots); }
     __device__ unsigned empty(unsigned n) const { return base + 8u * kSlots + 8u * (n % kSlots); }
@@ -265,7 +291,7 @@ struct TileInfo {
     int m_block, bh, h, b1, b0, hk, row0, n_tiles;
 };
 
-template <int BN>
+template <int BN, int BLOCK_M>
 __device__ __forceinline__ TileInfo decode_tile(int tile, int Lq, int Lk, int Hq, int group, int nb1,
                                                 int num_m_blocks, int num_bh, int swz_bh, int causal) {
     TileInfo t;
@@ -280,39 +306,41 @@ __device__ __forceinline__ TileInfo decode_tile(int tile, int Lq, int Lk, int Hq
     t.b1 = bb % nb1;
     t.b0 = bb / nb1;
     t.hk = t.h / group;
-    t.row0 = t.m_block * kBlockM;
+    t.row0 = t.m_block * BLOCK_M;
     long long k_end = Lk;
     if (causal) {
-        const long long last_row_end = min(static_cast<long long>(t.row0) + kBlockM, static_cast<long long>(Lq));
+        const long long last_row_end = min(static_cast<long long>(t.row0) + BLOCK_M, static_cast<long long>(Lq));
         k_end = min(k_end, last_row_end + Lk - Lq);
     }
     t.n_tiles = k_end > 0 ? static_cast<int>((k_end + BN - 1) / BN) : 0;
     return t;
 }
 
-template <typename T, int D, int BN, int STAGES>
+template <typename T, int D, int BN, int STAGES, int CONSUMERS>
 __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& tm_k, const TmaMap& tm_v,
                                               T* __restrict__ out, float* __restrict__ lse_out, int Lq, int Lk,
                                               int Hq, int group, int nb1, int num_m_blocks, int num_bh,
                                               int swz_bh, int causal, int bcast, float scale_log2, int num_tiles,
                                               int* sched) {
-    using P = Plan<D, BN, STAGES>;
+    using P = Plan<D, BN, STAGES, CONSUMERS>;
+    using R = Roles<CONSUMERS>;
     extern __shared__ unsigned char smem_raw[];
     const unsigned raw_addr = smem_u32(smem_raw);
     const unsigned base = (raw_addr + 1023u) & ~1023u;
     const unsigned sQ = base, sK = base + P::kOffK, sV = base + P::kOffV;
     const unsigned bars = base + P::kOffBar;
-    auto bar_q = [&](int w) { return bars + 8u * w; };                       // Q half w loaded
-    auto bar_q_empty = [&](int w) { return bars + 8u * (2 + w); };           // Q half w free
-    auto bar_full_k = [&](int s) { return bars + 8u * (4 + s); };
-    auto bar_full_v = [&](int s) { return bars + 8u * (4 + STAGES + s); };
-    auto bar_empty_k = [&](int s) { return bars + 8u * (4 + 2 * STAGES + s); };
-    auto bar_empty_v = [&](int s) { return bars + 8u * (4 + 3 * STAGES + s); };
-    const TileQueue queue{base + P::kOffQueue};
+    constexpr int C = CONSUMERS;
+    auto bar_q = [&](int w) { return bars + 8u * w; };                       // Q part w loaded
+    auto bar_q_empty = [&](int w) { return bars + 8u * (C + w); };           // Q part w free
+    auto bar_full_k = [&](int s) { return bars + 8u * (2 * C + s); };
+    auto bar_full_v = [&](int s) { return bars + 8u * (2 * C + STAGES + s); };
+    auto bar_empty_k = [&](int s) { return bars + 8u * (2 * C + 2 * STAGES + s); };
+    auto bar_empty_v = [&](int s) { return bars + 8u * (2 * C + 3 * STAGES + s); };
+    const TileQueue<CONSUMERS> queue{base + P::kOffQueue};
 
     if (threadIdx.x == 0) {
 #pragma unroll
-        for (int w = 0; w < 2; ++w) {
+        for (int w = 0; w < C; ++w) {
             mbar_init(bar_q(w), 1);
             mbar_init(bar_q_empty(w), 128);
         }
@@ -320,8 +348,8 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(bar_full_k(s), 1);
             mbar_init(bar_full_v(s), 1);
-            mbar_init(bar_empty_k(s), 2 * 128);
-            mbar_init(bar_empty_v(s), 2 * 128);
+            mbar_init(bar_empty_k(s), C * 128);
+            mbar_init(bar_empty_v(s), C * 128);
         }
         queue.init();
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -330,7 +358,7 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
 
     if (threadIdx.x < 128) {
         // =========================== producer warpgroup ===========================================
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kProducerRegs));
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(R::kProducerRegs));
         const int pw = threadIdx.x >> 5;
         if (pw == 0 && (threadIdx.x & 31) == 0) {
             // Draws the tiles (queue) and streams K and V: one ring position per key tile, over
@@ -344,7 +372,7 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                 queue.push(queued, tile);
                 if (tile >= num_tiles) break;
                 const int drawn = draw_tile(sched);   // in flight while this tile's loads go out
-                const TileInfo t = decode_tile<BN>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
+                const TileInfo t = decode_tile<BN, R::kBlockM>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
                 const int kh = (bcast & 8) ? 0 : t.hk, kb1 = (bcast & 16) ? 0 : t.b1, kb0 = (bcast & 32) ? 0 : t.b0;
                 const int vh = (bcast & 64) ? 0 : t.hk, vb1 = (bcast & 128) ? 0 : t.b1, vb0 = (bcast & 256) ? 0 : t.b0;
 #pragma unroll 1
@@ -366,7 +394,8 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                 tile = next_tile(tile, drawn, sched, num_tiles);
             }
         } else if (pw == 1 && (threadIdx.x & 31) == 0) {
-            // Loads Q: both 64-row halves of every tile, each when its warpgroup freed it. A tile
+            // Loads Q: the 64-row part of every consumer warpgroup of every tile, each when its
+            // warpgroup freed it. A tile
             // whose rows see no key (causal, Lq > Lk) gets the same handshake with no bytes, so the
             // Q barriers' phases follow the queue's entry count.
             tma_prefetch_map(&tm_q);
@@ -376,34 +405,35 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                 const unsigned parity = queued & 1u;
                 const int tile = queue.pop(queued, false);
                 if (tile >= num_tiles) break;
-                const TileInfo t = decode_tile<BN>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
+                const TileInfo t = decode_tile<BN, R::kBlockM>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
                 const int qh = (bcast & 1) ? 0 : t.h, qb1 = (bcast & 2) ? 0 : t.b1, qb0 = (bcast & 4) ? 0 : t.b0;
 #pragma unroll
-                for (int w = 0; w < 2; ++w) {
+                for (int w = 0; w < C; ++w) {
                     mbar_wait(bar_q_empty(w), parity ^ 1u);
                     if (t.n_tiles == 0) {
                         mbar_arrive(bar_q(w));
                         continue;
                     }
-                    mbar_arrive_expect_tx(bar_q(w), P::kQHalf);
+                    mbar_arrive_expect_tx(bar_q(w), P::kQPart);
 #pragma unroll
                     for (int c = 0; c < static_cast<int>(P::kChunks); ++c)
-                        tma_load_5d(sQ + w * P::kQHalf + c * (64u * 128u), &tm_q, bar_q(w),
+                        tma_load_5d(sQ + w * P::kQPart + c * (64u * 128u), &tm_q, bar_q(w),
                                     c * 64, t.row0 + w * 64, qh, qb1, qb0);
                 }
             }
         }
     } else {
         // =========================== consumer warpgroups ==========================================
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kConsumerRegs));
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(R::kConsumerRegs));
         const int ct = static_cast<int>(threadIdx.x) - 128;
-        const int w = ct >> 7;                  // which consumer warpgroup (0, 1)
+        const int w = ct >> 7;                  // which consumer warpgroup (0 .. C-1)
         const int tw = ct & 127;
         const int warp = tw >> 5, lane = tw & 31;
         const int g = lane >> 2, t4 = lane & 3;
-        const unsigned sQw = sQ + w * P::kQHalf;
+        const unsigned sQw = sQ + w * P::kQPart;
         const int diag = Lk - Lq;               // key j visible to row i iff j - i <= diag (causal)
-        const int my_bar = 3 + w, other_bar = 4 - w;
+        // tensor-core turns, round robin: wait on my_bar, issue, arrive on the next one's
+        const int my_bar = 3 + w, next_bar = C == 2 ? 4 - w : (w + 1 == C ? 3 : 4 + w);
         if (w == 0) named_bar_arrive(3, 256);   // warpgroup 0 issues first
 
         RingPos pos;
@@ -412,7 +442,7 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
         for (;;) {
             const int tile = queue.pop(queued, true);
             if (tile >= num_tiles) break;
-            const TileInfo t = decode_tile<BN>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
+            const TileInfo t = decode_tile<BN, R::kBlockM>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
             const int n_tiles = t.n_tiles;
             const int wrow0 = t.row0 + w * 64;
             const int r_lo = wrow0 + warp * 16 + g, r_hi = r_lo + 8;
@@ -442,7 +472,7 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                     wgmma_fence();
                     issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);
                     wgmma_commit();
-                    named_bar_arrive(other_bar, 256);
+                    named_bar_arrive(next_bar, 256);
                     wgmma_wait<0>();
                     fence_regs(sc);
                     mbar_arrive(bar_empty_k(s));
@@ -465,7 +495,7 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                     wgmma_commit();
                     issue_pv<T, D, BN>(o, pa, sV + sp * P::kKV);    // group 2: O += P_{i-1} V_{i-1}
                     wgmma_commit();
-                    named_bar_arrive(other_bar, 256);
+                    named_bar_arrive(next_bar, 256);
                     wgmma_wait<1>();                                // S_i done, PV may still run
                     fence_regs(sc);
                     mbar_arrive(bar_empty_k(s));
@@ -488,7 +518,7 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                 fence_regs(o);
                 mbar_arrive(bar_empty_v(prev.stage));
             }
-            mbar_arrive(bar_q_empty(w));   // every wgmma reading this Q half has completed
+            mbar_arrive(bar_q_empty(w));   // every wgmma reading this Q part has completed
 
             // ---- epilogue: normalise and store straight from registers ----------------------------
             l_lo = quad_sum(l_lo);
@@ -511,7 +541,7 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                 if (t4 == 0) lse_out[row_base + r_hi] = l_hi > 0.f ? (m_hi + cupyattn::fast_log2(l_hi)) * kLn2 : -INFINITY;
             }
         }
-        if (w == 0) named_bar_sync(3, 256);   // takes warpgroup 1's last arrival: both barriers balanced
+        if (w == 0) named_bar_sync(3, 256);   // takes warpgroup C-1's last arrival: every barrier balanced
     }
 }
 
@@ -525,8 +555,8 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
 // Tensor maps are 5-D, innermost first: (D, L, H, B1, B0). A dimension that is broadcast (stride
 // 0) has extent 1 in the map and its coordinate forced to 0 by `bcast` (bits 0-2: q's H, B1, B0;
 // 3-5: k's; 6-8: v's). out is contiguous (B0, B1, Hq, Lq, D); lse (B0, B1, Hq, Lq) float32.
-template <typename T, int D, int BN, int STAGES>
-__global__ void __launch_bounds__(sm90::kThreads, 1)
+template <typename T, int D, int BN, int STAGES, int CONSUMERS = 2>
+__global__ void __launch_bounds__(sm90::Roles<CONSUMERS>::kThreads, 1)
 flash_fwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_constant__ sm90::TmaMap tm_k,
                       const __grid_constant__ sm90::TmaMap tm_v, T* __restrict__ out,
                       float* __restrict__ lse_out, int Lq, int Lk, int Hq, int group, int nb1,
@@ -534,10 +564,11 @@ flash_fwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
                       int num_tiles, int* __restrict__ sched) {
     using namespace sm90;
     static_assert(D % 64 == 0 && D >= 64 && D <= 256, "head dim: 64, 128, 192 or 256");
+    static_assert(CONSUMERS == 2 || D == 64, "3 consumer warpgroups: 160 registers hold a D=64 tile only");
     static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key tile");
-    static_assert(Plan<D, BN, STAGES>::kBytes <= 227 * 1024, "shared memory");
-    static_assert(TileQueue::kBytes == 80 && STAGES <= static_cast<int>(TileQueue::kSlots),
+    static_assert(Plan<D, BN, STAGES, CONSUMERS>::kBytes <= 227 * 1024, "shared memory");
+    static_assert(TileQueue<CONSUMERS>::kBytes == 80 && STAGES <= static_cast<int>(TileQueue<CONSUMERS>::kSlots),
                   "Plan reserves 80 bytes for the tile queue, whose slots cover the K/V ring");
-    pingpong_body<T, D, BN, STAGES>(tm_q, tm_k, tm_v, out, lse_out, Lq, Lk, Hq, group, nb1, num_m_blocks,
+    pingpong_body<T, D, BN, STAGES, CONSUMERS>(tm_q, tm_k, tm_v, out, lse_out, Lq, Lk, Hq, group, nb1, num_m_blocks,
                                     num_bh, swz_bh, causal, bcast, scale_log2, num_tiles, sched);
 }
