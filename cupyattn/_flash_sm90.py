@@ -29,8 +29,12 @@ from ._layout import collapse_batch as _collapse_batch, device_props as _device_
 from ._problem import BFLOAT16, FLOAT16, Problem, dtype_name
 
 SOURCE = "flash_fwd_sm90.cu"
-BLOCK_M = 128            # query rows per block (two consumer warpgroups of 64)
-THREADS = 384            # producer warpgroup + two consumer warpgroups
+# A configuration is (BN, STAGES) or (BN, STAGES, CONSUMERS): keys per tile, K/V ring stages and
+# consumer warpgroups of 64 query rows each (2 when not given, or 3: a block of 64 * CONSUMERS
+# rows and 128 * (CONSUMERS + 1) threads, see sm90::Roles in the kernel; full_config).
+DEFAULT_CONSUMERS = 2
+BLOCK_M = 64 * DEFAULT_CONSUMERS            # query rows per block with the default two consumers
+THREADS = 128 * (DEFAULT_CONSUMERS + 1)     # producer warpgroup + two consumer warpgroups
 # head dim -> (keys per tile BN, K/V ring stages) of the proven configuration
 CONFIGS = {64: (128, 4), 128: (128, 2), 256: (64, 2)}
 HEAD_DIMS = tuple(sorted(CONFIGS))
@@ -41,6 +45,11 @@ HEAD_DIMS = tuple(sorted(CONFIGS))
 # -9% at 1k; D=256 BN=80 spills).
 LONG_CONFIGS = {64: (192, 3), 128: (176, 2)}
 LONG_KEYS = 8192
+# Instantiated (so the CI compile gate covers them) but never chosen by tile_config: for tools and
+# tests that force them (forward(config=...), tools/ab_sm90.py). Three consumer warpgroups at D=64
+# (192 query rows per K/V tile, as FlashAttention-3 runs D=64), to be A/B-timed against CONFIGS on
+# a GPU; they get 160 registers a thread, which holds BN=128 and not BN=192 (ptxas spills).
+EXTRA_CONFIGS = {64: [(128, 4, 3), (128, 2, 3)]}
 _CTYPES = {FLOAT16: "__half", BFLOAT16: "__nv_bfloat16"}
 _TMA_DTYPE = {FLOAT16: 6, BFLOAT16: 9}    # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
 _MAX_LEN = 2**31 - 1024                   # TMA coordinates and row indices are int32
@@ -77,30 +86,62 @@ def grid_kind(problem: Problem) -> str:
     return "dynamic"
 
 
-def tile_config(head_dim: int, len_k: int = 0) -> Tuple[int, int]:
-    """(BN, STAGES) the kernel runs with for this head dim and number of keys."""
+def full_config(config) -> Tuple[int, int, int]:
+    """(BN, STAGES, CONSUMERS) of a configuration given as (BN, STAGES) (two consumers) or
+    (BN, STAGES, CONSUMERS)."""
+    c = tuple(int(x) for x in config)
+    if len(c) == 2:
+        c += (DEFAULT_CONSUMERS,)
+    if len(c) != 3 or c[2] not in (2, 3):
+        raise ValueError(f"a configuration is (BN, STAGES) or (BN, STAGES, CONSUMERS in 2, 3), not {config!r}")
+    return c
+
+
+def block_m(config) -> int:
+    """Query rows per block (tile) of a configuration: 64 per consumer warpgroup."""
+    return 64 * full_config(config)[2]
+
+
+def threads(config) -> int:
+    """Threads per block of a configuration: the producer warpgroup and the consumers."""
+    return 128 * (full_config(config)[2] + 1)
+
+
+def tile_config(head_dim: int, len_k: int = 0) -> Tuple[int, int, int]:
+    """(BN, STAGES, CONSUMERS) the kernel runs with for this head dim and number of keys."""
     if len_k >= LONG_KEYS and head_dim in LONG_CONFIGS:
-        return LONG_CONFIGS[head_dim]
-    return CONFIGS[head_dim]
+        return full_config(LONG_CONFIGS[head_dim])
+    return full_config(CONFIGS[head_dim])
 
 
-def configs(head_dim: int) -> List[Tuple[int, int]]:
-    """Every (BN, STAGES) instantiated for a head dim."""
-    out = [CONFIGS[head_dim]]
-    if head_dim in LONG_CONFIGS and LONG_CONFIGS[head_dim] not in out:
-        out.append(LONG_CONFIGS[head_dim])
+def configs(head_dim: int) -> List[Tuple[int, int, int]]:
+    """Every (BN, STAGES, CONSUMERS) tile_config can choose for a head dim."""
+    out = [full_config(CONFIGS[head_dim])]
+    if head_dim in LONG_CONFIGS and full_config(LONG_CONFIGS[head_dim]) not in out:
+        out.append(full_config(LONG_CONFIGS[head_dim]))
     return out
 
 
-def kernel_name(dtype, head_dim: int, config: Tuple[int, int] = None) -> str:
-    """The C++ name of the instantiation for `dtype`, `head_dim` and (BN, STAGES) (default: the
-    short-key configuration)."""
-    bn, stages = config or CONFIGS[head_dim]
-    return f"flash_fwd_sm90_kernel<{_CTYPES[np.dtype(dtype)]}, {head_dim}, {bn}, {stages}>"
+def instantiated_configs(head_dim: int) -> List[Tuple[int, int, int]]:
+    """Every (BN, STAGES, CONSUMERS) instantiated for a head dim: configs() and EXTRA_CONFIGS."""
+    out = configs(head_dim)
+    for c in EXTRA_CONFIGS.get(head_dim, ()):
+        if full_config(c) not in out:
+            out.append(full_config(c))
+    return out
+
+
+def kernel_name(dtype, head_dim: int, config=None) -> str:
+    """The C++ name of the instantiation for `dtype`, `head_dim` and `config` (default: the
+    short-key configuration). Two consumers is the template's default and stays unnamed, so the
+    name also fits sources from before the parameter (tools/ab_sm90.py compiles old revisions)."""
+    bn, stages, consumers = full_config(config or CONFIGS[head_dim])
+    extra = "" if consumers == DEFAULT_CONSUMERS else f", {consumers}"
+    return f"flash_fwd_sm90_kernel<{_CTYPES[np.dtype(dtype)]}, {head_dim}, {bn}, {stages}{extra}>"
 
 
 @functools.lru_cache(maxsize=None)
-def spec_for(dtype, head_dim: int, config: Tuple[int, int] = None) -> KernelSpec:
+def spec_for(dtype, head_dim: int, config=None) -> KernelSpec:
     """The instantiation for `dtype`, `head_dim` and `config` (cached: CONFIGS is fixed once a
     process has launched a kernel; tools/tune_sm90.py changes it only before that)."""
     return KernelSpec(source=SOURCE, name=kernel_name(dtype, head_dim, config), hopper_only=True)
@@ -108,18 +149,19 @@ def spec_for(dtype, head_dim: int, config: Tuple[int, int] = None) -> KernelSpec
 
 def kernel_specs() -> List[KernelSpec]:
     """Every instantiation forward() can request."""
-    return [spec_for(dt, d, c) for dt in (FLOAT16, BFLOAT16) for d in HEAD_DIMS for c in configs(d)]
+    return [spec_for(dt, d, c) for dt in (FLOAT16, BFLOAT16) for d in HEAD_DIMS for c in instantiated_configs(d)]
 
 
-def smem_bytes(head_dim: int, config: Tuple[int, int] = None) -> int:
+def smem_bytes(head_dim: int, config=None) -> int:
     """Dynamic shared memory of one block; mirrors sm90::Plan in the kernel source."""
-    bn, stages = config or CONFIGS[head_dim]
-    q = BLOCK_M * head_dim * 2
+    bn, stages, consumers = full_config(config or CONFIGS[head_dim])
+    q = 64 * consumers * head_dim * 2
     kv = bn * head_dim * 2
-    return q + 2 * stages * kv + 8 * (4 + 4 * stages) + 80 + 1024     # 80: the tile queue
+    bars = 2 * consumers + 4 * stages      # Q full/empty per consumer; K, V full/empty per stage
+    return q + 2 * stages * kv + 8 * bars + 80 + 1024     # 80: the tile queue
 
 
-assert all(smem_bytes(d, c) <= _SMEM_LIMIT for d in HEAD_DIMS for c in configs(d))
+assert all(smem_bytes(d, c) <= _SMEM_LIMIT for d in HEAD_DIMS for c in instantiated_configs(d))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +239,7 @@ def tma_kernel_reasons(problem: Problem, head_dims, kernel: str, mask_goes_to: s
 def supports(problem: Problem) -> List[str]:
     """Reasons this kernel cannot compute the forward of `problem` (empty list = it can)."""
     reasons = tma_kernel_reasons(problem, HEAD_DIMS, "sm90 kernel", "the sm80 flash kernel")
-    num_m = -(-problem.len_q // BLOCK_M)
+    num_m = -(-problem.len_q // BLOCK_M)   # the smallest block (two consumers): the most tiles
     if num_m * problem.batch_size * problem.num_heads_q >= 2**30:
         reasons.append("more than 2^30 tiles in one launch (tile numbers plus the grid must fit int32)")
     return reasons
@@ -338,7 +380,8 @@ def forward(problem: Problem, poison=None, grid=None, checked=False, config=None
 
     poison: fill the outputs with NaN before the launch (default: the module's POISON_OUTPUTS);
     grid: one of GRIDS; default: grid_kind(problem);
-    config: (BN, STAGES), one of configs(D) (tests); default: tile_config(D, Lk);
+    config: (BN, STAGES) or (BN, STAGES, CONSUMERS), one of instantiated_configs(D) (tests,
+    tools); default: tile_config(D, Lk);
     checked: the caller has just seen supports(problem) come back empty (saves asking twice)."""
     reasons = [] if checked else supports(problem)
     if reasons:
@@ -366,10 +409,12 @@ def forward(problem: Problem, poison=None, grid=None, checked=False, config=None
     split = batch_split(problem, (q, k, v))
     (nb0, _), (nb1, _) = split[1], split[2]
 
-    config = tuple(config) if config is not None else tile_config(D, Lk)
-    bn, stages = config
+    config = full_config(config) if config is not None else tile_config(D, Lk)
+    if config[2] != DEFAULT_CONSUMERS and D != 64:
+        raise ValueError(f"{config[2]} consumer warpgroups are instantiated for D=64 only, not D={D}")
+    bn = config[0]
     group = Hq // Hkv
-    num_m = -(-Lq // BLOCK_M)
+    num_m = -(-Lq // block_m(config))
     num_bh = nb0 * nb1 * Hq
     num_tiles = num_m * num_bh
     device_id = problem.device_id
@@ -392,7 +437,7 @@ def forward(problem: Problem, poison=None, grid=None, checked=False, config=None
         maps, bcast = launch_maps((q, k, v), shapes, idx, split, dtype, D)
         o = np.uint64(out.data.ptr + launch * out_step)
         s = np.uint64(lse.data.ptr + launch * lse_step)
-        fn((blocks,), (THREADS,),
+        fn((blocks,), (threads(config),),
            (maps[0], maps[1], maps[2], o, s, np.int32(Lq), np.int32(Lk), np.int32(Hq), np.int32(group),
             np.int32(nb1), np.int32(num_m), np.int32(num_bh), np.int32(swz_bh), np.int32(problem.causal),
             np.int32(bcast), scale_log2, np.int32(num_tiles), sched),

@@ -70,6 +70,12 @@ def _check_twice(qn, kn, vn, causal, ref=None, grid=None, config=None):
     assert np.array_equal(cupy.asnumpy(lse).view(np.uint32), cupy.asnumpy(lse2).view(np.uint32))
 
 
+# Configurations forward() only runs when forced: the long-key tiles on short shapes, and the
+# instantiations of EXTRA_CONFIGS (three consumer warpgroups at D=64, 192-row tiles).
+FORCED_CONFIGS = ([pytest.param(d, _flash_sm90.full_config(c), id=f"D{d}-long")
+                   for d, c in sorted(_flash_sm90.LONG_CONFIGS.items())]
+                  + [pytest.param(d, _flash_sm90.full_config(c), id=f"D{d}-" + "x".join(map(str, _flash_sm90.full_config(c))))
+                     for d, cs in sorted(_flash_sm90.EXTRA_CONFIGS.items()) for c in cs])
 LONG_TILES = [pytest.param(d, id=f"D{d}") for d in sorted(_flash_sm90.LONG_CONFIGS)]
 
 
@@ -126,14 +132,19 @@ def test_both_grids(grid, lq, lk, d, causal, dtype):
 @sm90_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("d", LONG_TILES)
-@pytest.mark.parametrize("lq,lk", [(113, 203), (1, 239), (512, 256), (1023, 1024), (300, 1337)])
+@pytest.mark.parametrize("d,config", FORCED_CONFIGS)
+@pytest.mark.parametrize("lq,lk", [(113, 203), (1, 239), (512, 256), (1023, 1024), (300, 1337), (200, 200),
+                                   (449, 700), (1300, 1100)])
 @pytest.mark.parametrize("grid", GRIDS)
-def test_long_key_tiles(grid, lq, lk, d, causal, dtype):
-    """The wide key tiles that long key ranges run with (LONG_CONFIGS), forced on short shapes:
-    partial key tiles, rows that see nothing, GQA; identical bits on repeat."""
+def test_forced_configs(grid, lq, lk, d, config, causal, dtype):
+    """The configurations forward() does not pick for these shapes, forced: the wide key tiles of
+    long key ranges (LONG_CONFIGS) and the extra instantiations (EXTRA_CONFIGS: three consumer
+    warpgroups, 192-row tiles). Partial key tiles, partial query tiles (Lq a multiple of neither
+    128 nor 192; 113 and 200 leave a 192-row tile's third warpgroup with no valid row, 449 = 2*192
+    + 65 its last warpgroup with one), Lq > Lk (rows that see nothing), several m-blocks, GQA;
+    identical bits on repeat."""
     qn, kn, vn = _inputs((2, HEADS_Q, lq, d), (2, 2, lk, d), dtype, seed=lq + 3 * lk + d)
-    _check_twice(qn, kn, vn, causal, grid=grid, config=_flash_sm90.LONG_CONFIGS[d])
+    _check_twice(qn, kn, vn, causal, grid=grid, config=config)
 
 
 @pytest.mark.gpu
@@ -263,28 +274,58 @@ def test_kernel_specs_cpu():
     specs = _flash_sm90.kernel_specs()
     assert len(specs) == len(set(specs))
     assert all(s.hopper_only and s.source == "flash_fwd_sm90.cu" for s in specs)
-    n_configs = sum(len(_flash_sm90.configs(d)) for d in _flash_sm90.HEAD_DIMS)
-    assert len(specs) == 2 * n_configs
-    assert all(_flash_sm90.smem_bytes(d, c) <= 227 * 1024 for d in _flash_sm90.HEAD_DIMS for c in _flash_sm90.configs(d))
+    full = _flash_sm90.full_config
+    all_configs = {d: _flash_sm90.instantiated_configs(d) for d in _flash_sm90.HEAD_DIMS}
+    for d, cs in all_configs.items():
+        assert len(cs) == len(set(cs)) and all(len(c) == 3 for c in cs)
+        wanted = [_flash_sm90.CONFIGS[d], _flash_sm90.LONG_CONFIGS.get(d, _flash_sm90.CONFIGS[d])]
+        assert set(cs) == set(map(full, wanted + list(_flash_sm90.EXTRA_CONFIGS.get(d, ()))))
+        assert set(_flash_sm90.configs(d)) == set(map(full, wanted))
+    assert len(specs) == 2 * sum(len(cs) for cs in all_configs.values())   # two dtypes
+    assert all(_flash_sm90.smem_bytes(d, c) <= 227 * 1024 for d, cs in all_configs.items() for c in cs)
     assert set(_flash_sm90.HEAD_DIMS) >= {64, 128, 256}
+    # two consumers is the template's default and stays out of the name (old sources still fit)
     assert _flash_sm90.kernel_name(BFLOAT16, 128) == "flash_fwd_sm90_kernel<__nv_bfloat16, 128, 128, 2>"
-    # long key ranges take the wider tiles, short ones the default
+    assert _flash_sm90.kernel_name(BFLOAT16, 64, (192, 3, 2)) == "flash_fwd_sm90_kernel<__nv_bfloat16, 64, 192, 3>"
+    assert _flash_sm90.kernel_name(FLOAT16, 64, (128, 4, 3)) == "flash_fwd_sm90_kernel<__half, 64, 128, 4, 3>"
+    # long key ranges take the wider tiles, short ones the default; both with two consumers
     for d in _flash_sm90.HEAD_DIMS:
-        assert _flash_sm90.tile_config(d, 1024) == _flash_sm90.CONFIGS[d]
+        assert _flash_sm90.tile_config(d, 1024) == full(_flash_sm90.CONFIGS[d])
         long_cfg = _flash_sm90.tile_config(d, _flash_sm90.LONG_KEYS)
-        assert long_cfg == _flash_sm90.LONG_CONFIGS.get(d, _flash_sm90.CONFIGS[d])
+        assert long_cfg == full(_flash_sm90.LONG_CONFIGS.get(d, _flash_sm90.CONFIGS[d]))
         assert _flash_sm90.spec_for(BFLOAT16, d, long_cfg) in specs
+        assert long_cfg[2] == _flash_sm90.tile_config(d, 1024)[2] == 2
+    # the three-consumer D=64 instantiations the A/B runs force are in the gate's list
+    for cfg in ((128, 4, 3), (128, 2, 3)):
+        assert cfg in all_configs[64]
+        assert _flash_sm90.spec_for(BFLOAT16, 64, cfg) in specs and _flash_sm90.spec_for(FLOAT16, 64, cfg) in specs
+    assert all(c[2] == 2 for d, cs in all_configs.items() if d != 64 for c in cs)
+
+
+def test_config_geometry_cpu():
+    """Block rows, threads and shared memory follow the consumer count (sm90::Roles / Plan)."""
+    f = _flash_sm90
+    assert f.full_config((128, 4)) == (128, 4, 2) and f.full_config([128, 4, 3]) == (128, 4, 3)
+    for bad in ((128,), (128, 4, 1), (128, 4, 4), (1, 2, 3, 4)):
+        with pytest.raises(ValueError):
+            f.full_config(bad)
+    assert (f.block_m((128, 4)), f.threads((128, 4))) == (128, 384) == (f.BLOCK_M, f.THREADS)
+    assert (f.block_m((128, 4, 3)), f.threads((128, 4, 3))) == (192, 512)
+    # Q: 64 rows a consumer; barriers: Q full/empty a consumer + K/V full/empty a stage; queue; slack
+    assert f.smem_bytes(64, (128, 4, 2)) == 128 * 64 * 2 + 2 * 4 * 128 * 64 * 2 + 8 * (4 + 16) + 80 + 1024
+    assert f.smem_bytes(64, (128, 4, 3)) == 192 * 64 * 2 + 2 * 4 * 128 * 64 * 2 + 8 * (6 + 16) + 80 + 1024
+    assert f.smem_bytes(64, (128, 4)) == f.smem_bytes(64, (128, 4, 2)) == f.smem_bytes(64)
 
 
 def test_compiles_clean_cpu():
-    """No spills or stack frame, no setmaxnreg-ignored or wgmma-serialisation warnings (two
-    instantiations here; the CI gate compiles all)."""
+    """No spills or stack frame, no setmaxnreg-ignored or wgmma-serialisation warnings (three
+    instantiations here, one with three consumer warpgroups; the CI gate compiles all)."""
     try:
         from cupy.cuda import nvrtc  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"NVRTC unavailable: {exc}")
     from cupyattn._kernels import compile_offline
-    for d, config in ((256, None), (64, _flash_sm90.tile_config(64, _flash_sm90.LONG_KEYS))):
+    for d, config in ((256, None), (64, _flash_sm90.tile_config(64, _flash_sm90.LONG_KEYS)), (64, (128, 4, 3))):
         rep = compile_offline(_flash_sm90.spec_for(BFLOAT16, d, config), "sm_90a")
         assert rep.ok and not rep.spills, rep.line() + rep.log[-2000:]
         assert "C7508" not in rep.log and "ignored" not in rep.log, rep.log
