@@ -63,16 +63,18 @@ GRIDS = ("dynamic", "static", "per-tile")
 
 
 def parse_variant(variant):
-    """(grid name or None for the per-problem choice, {head dim: (BN, STAGES)} override).
+    """(grid name or None for the per-problem choice, {head dim: (BN, STAGES, CONSUMERS)} override).
 
     A variant is a grid name (GRIDS) or a tile configuration written
-    cfg<D>x<BN>x<STAGES> (e.g. cfg128x176x2), optionally +dynamic / +static / +per-tile; a
-    configuration variant is checked and timed at its own head dim only."""
+    cfg<D>x<BN>x<STAGES>[x<CONSUMERS>] (e.g. cfg128x176x2, cfg64x128x4x3; two consumer warpgroups
+    when not given), optionally +dynamic / +static / +per-tile; a configuration variant is checked
+    and timed at its own head dim only."""
+    from cupyattn import _flash_sm90
     if variant in GRIDS:
         return variant, {}
     cfg, _, grid = variant.partition("+")
-    d, bn, stages = (int(x) for x in cfg[len("cfg"):].split("x"))
-    return (grid or None), {d: (bn, stages)}
+    d, *tiles = (int(x) for x in cfg[len("cfg"):].split("x"))
+    return (grid or None), {d: _flash_sm90.full_config(tiles)}
 
 
 def apply_variant(variant):
@@ -91,10 +93,10 @@ def step_compile(variants):
     from cupyattn import _flash_sm90
     specs = _flash_sm90.kernel_specs()
     for v in variants:   # tile configurations beyond the defaults
-        for d, (bn, stages) in parse_variant(v)[1].items():
-            for dt in ("__half", "__nv_bfloat16"):
-                specs.append(_flash_sm90.KernelSpec(_flash_sm90.SOURCE, f"flash_fwd_sm90_kernel<{dt}, {d}, {bn}, {stages}>",
-                                                    hopper_only=True))
+        for d, cfg in parse_variant(v)[1].items():
+            for dt in (_flash_sm90.FLOAT16, _flash_sm90.BFLOAT16):
+                if _flash_sm90.spec_for(dt, d, cfg) not in specs:
+                    specs.append(_flash_sm90.spec_for(dt, d, cfg))
     status = {}
     workers = max(1, min(len(specs), os.cpu_count() or 4, 16))
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
@@ -107,7 +109,8 @@ def step_compile(variants):
     bad = []
     for v in variants:
         over = parse_variant(v)[1]
-        names = [n for n in status if not over or any(f", {d}, {bn}, {st}>" in n for d, (bn, st) in over.items())]
+        names = [n for n in status if not over or n in {_flash_sm90.kernel_name(dt, d, cfg) for d, cfg in over.items()
+                                                         for dt in (_flash_sm90.FLOAT16, _flash_sm90.BFLOAT16)}]
         if not all(status[n] for n in names):
             bad.append(v)
     return bad
