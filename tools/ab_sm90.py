@@ -5,14 +5,20 @@ times every variant (and torch's cuDNN) on a row, so clock drift on the card hit
     PYTHONPATH=. python3 tools/ab_sm90.py ab_old.cu:static                  # on the device
 
 (kernels_cu/ab_*.cu is git-ignored: name the file in the device call's carry.) AB_ROWS in the
-environment replaces the rows: "D:L:BNxSTAGES,..."; AB_GRIDS="dynamic,per-tile" picks the grids the current
-source runs with (all of GRIDS by default).
+environment replaces the rows: "D:L:CFG,...", where CFG is BNxSTAGES (two consumer warpgroups) or
+BNxSTAGESxCONSUMERS, or several of them separated by "|" to time those configurations of the current
+source against each other in the same rounds, e.g.
+    AB_ROWS="64:4096:128x4|128x4x3,64:16384:192x3|128x4x3"
+AB_GRIDS="dynamic,per-tile" picks the grids the current source runs with (all of GRIDS by default).
 
-Variants: the current source with each grid of _flash_sm90.GRIDS, and each source named on the
+Variants: the current source with each grid of _flash_sm90.GRIDS and each configuration of the
+row ("cur/<grid>", or "cur/<grid>/<CFG>" when the row names several), and each source named on the
 command line (a file in kernels_cu/, taking the current launch arguments; trailing ones it does
 not declare are ignored) with the dynamic grid, or the grid named after a colon ("ab_old.cu:static";
-a source older than the dynamic scheduler has only the static and per-tile grids). Each variant's
-output is checked against the first's before timing. Prints TFLOP/s (bf16, B*L = 16k tokens, H*D = 2048) and the ratio to cuDNN."""
+a source older than the dynamic scheduler has only the static and per-tile grids), with the row's
+first configuration (a source from before the consumer-count parameter has two consumers only).
+Each variant's output is checked against the first's before timing. Prints TFLOP/s (bf16,
+B*L = 16k tokens, H*D = 2048) and the ratio to cuDNN."""
 import os
 import sys
 
@@ -32,16 +38,37 @@ def _extra(arg):
     return f"{src.rsplit('.', 1)[0]}/{grid}", src, grid
 
 
+def cfg_label(cfg):
+    """BNxSTAGES for two consumer warpgroups (the old label), BNxSTAGESxCONSUMERS otherwise."""
+    cfg = _flash_sm90.full_config(cfg)
+    return "x".join(map(str, cfg if cfg[2] != _flash_sm90.DEFAULT_CONSUMERS else cfg[:2]))
+
+
+def parse_rows(text):
+    """'D:L:CFG[|CFG...],...' -> [(D, L, [(BN, STAGES, CONSUMERS), ...])]"""
+    rows = []
+    for r in text.split(","):
+        d, n, cfgs = r.strip().split(":")
+        rows.append((int(d), int(n), [_flash_sm90.full_config(int(x) for x in c.split("x")) for c in cfgs.split("|")]))
+    return rows
+
+
+def row_variants(cfgs):
+    """(name, source, grid, config) of every variant timed on a row with configurations `cfgs`."""
+    cur = [(f"cur/{g}" + (f"/{cfg_label(c)}" if len(cfgs) > 1 else ""), _flash_sm90.SOURCE, g, c)
+           for g in GRIDS for c in cfgs]
+    return cur + [(name, src, grid, cfgs[0]) for name, src, grid in EXTRA]
+
+
 GRIDS = os.environ.get("AB_GRIDS", ",".join(_flash_sm90.GRIDS)).split(",")
-VARIANTS = [(f"cur/{g}", _flash_sm90.SOURCE, g) for g in GRIDS] + [_extra(a) for a in sys.argv[1:]]
-# (D, L, (BN, STAGES)): the default tiles of each length, then the other length's tiles at 4k and
+EXTRA = [_extra(a) for a in sys.argv[1:]]
+# (D, L, [config]): the default tiles of each length, then the other length's tiles at 4k and
 # 16k (is LONG_KEYS, where the wide tiles start, in the right place?)
-ROWS = [(64, 1024, (128, 4)), (128, 1024, (128, 2)), (64, 4096, (128, 4)), (128, 4096, (128, 2)), (256, 4096, (64, 2)),
-        (64, 16384, (192, 3)), (128, 16384, (176, 2)), (256, 16384, (64, 2)),
-        (64, 4096, (192, 3)), (128, 4096, (176, 2)), (64, 16384, (128, 4)), (128, 16384, (128, 2))]
-if os.environ.get("AB_ROWS"):     # e.g. AB_ROWS="128:4096:176x2,64:4096:192x3"
-    ROWS = [(int(d), int(n), tuple(int(x) for x in c.split("x")))
-            for d, n, c in (r.split(":") for r in os.environ["AB_ROWS"].split(","))]
+ROWS = parse_rows("64:1024:128x4,128:1024:128x2,64:4096:128x4,128:4096:128x2,256:4096:64x2,"
+                  "64:16384:192x3,128:16384:176x2,256:16384:64x2,"
+                  "64:4096:192x3,128:4096:176x2,64:16384:128x4,128:16384:128x2")
+if os.environ.get("AB_ROWS"):     # e.g. AB_ROWS="128:4096:176x2,64:4096:128x4|128x4x3"
+    ROWS = parse_rows(os.environ["AB_ROWS"])
 ROUNDS = 7
 rng = cupy.random.default_rng(1)
 
@@ -73,15 +100,16 @@ try:
 except Exception:
     torch = None
 
-names = [v[0] for v in VARIANTS] + (["cudnn"] if torch else [])
+names = list(dict.fromkeys(v[0] for _, _, cfgs in ROWS for v in row_variants(cfgs))) + (["cudnn"] if torch else [])
 results = {}
-for D, L, cfg in ROWS:
+for D, L, cfgs in ROWS:
     B, H = 16384 // L, 2048 // D
     q, k, v = (rng.standard_normal((B, H, L, D), dtype=np.float32).astype(bf) for _ in range(3))
+    variants = row_variants(cfgs)
     for causal in (False, True):
         p = normalize(q, k, v, causal=causal)
-        fns = {name: fn_for(src, grid, p, cfg) for name, src, grid in VARIANTS}
-        ref = fns[VARIANTS[0][0]]()[0].astype(np.float32)
+        fns = {name: fn_for(src, grid, p, cfg) for name, src, grid, cfg in variants}
+        ref = fns[variants[0][0]]()[0].astype(np.float32)
         for name, f in fns.items():
             err = float(cupy.abs(f()[0].astype(np.float32) - ref).max())
             assert err < 0.02, (name, err)
@@ -98,13 +126,15 @@ for D, L, cfg in ROWS:
             for n, f in fns.items():
                 times[n].append(time_ms(f))
         flops = 4 * B * H * L * L * D / (2 if causal else 1)
-        row = f"D{D} L{L} {cfg[0]}x{cfg[1]} " + ("causal" if causal else "full")
+        row = f"D{D} L{L} {'|'.join(map(cfg_label, cfgs))} " + ("causal" if causal else "full")
         results[row] = {n: flops / np.median(t) / 1e9 for n, t in times.items()}
         print(row + " " + "  ".join(f"{n}={results[row][n]:.0f}" for n in fns), flush=True)
 
 print("\nmedian TFLOP/s over", ROUNDS, "interleaved rounds; (ratio to cudnn)")
-print(f"{'row':26s}" + "".join(n.rjust(16) for n in names))
+width = max([26] + [len(row) + 1 for row in results])
+col = max([16] + [len(n) + 2 for n in names])
+print(f"{'row':{width}s}" + "".join(n.rjust(col) for n in names))
 for row, r in results.items():
     c = r.get("cudnn")
-    print(f"{row:26s}" +
-          "".join((f"{r[n]:.0f}" + (f" ({r[n] / c:.2f})" if c else "")).rjust(16) for n in names))
+    print(f"{row:{width}s}" +
+          "".join(("-" if n not in r else f"{r[n]:.0f}" + (f" ({r[n] / c:.2f})" if c else "")).rjust(col) for n in names))
