@@ -13,9 +13,9 @@
 //                 wgmma A-fragment layout, O += P V with wgmma (A from registers, B = V from
 //                 shared memory, MN-major, i.e. trans-b).
 // Overlap, at two levels (see pingpong_body): the consumer warpgroups take turns on the tensor
-// cores (ping-pong, round robin with three), so one's softmax runs under the others' GEMMs; and inside a warpgroup
-// the S GEMM of tile i is issued together with the PV GEMM of tile i-1, so the softmax of tile i
-// runs while that PV GEMM is still on the tensor cores.
+// cores (ping-pong; round robin with three), so one's softmax runs under the others' GEMMs; and
+// inside a warpgroup the S GEMM of tile i is issued together with the PV GEMM of tile i-1, so the
+// softmax of tile i runs while that PV GEMM is still on the tensor cores.
 // Key tiles are visited from the last to the first so the masked tiles (the causal diagonal, the
 // partial tile at Lk) come first. Causal is bottom-right: query i sees key j iff j <= i + Lk - Lq.
 //
@@ -25,10 +25,9 @@
 // long as every chunk starts 1024-byte aligned).
 //
 // Template parameters: T (__half / __nv_bfloat16), D (head dim = Dv: 64, 128, 256), BN (keys per
-// tile), STAGES (ring depth), CONSUMERS (consumer warpgroups, 2 by default, or 3). The host launches
-// one block per tile or, for a persistent grid, one per SM; num_tiles is the number of BLOCK_M-row
-// tiles (m-blocks x batch x heads). A block starts at
-// tile blockIdx.x and then takes
+// tile), STAGES (ring depth), CONSUMERS (consumer warpgroups, 2 by default, or 3). The host
+// launches one block per tile or, for a persistent grid, one per SM; num_tiles is the number of
+// BLOCK_M-row tiles (m-blocks x batch x heads). A block starts at tile blockIdx.x and then takes
 //   * with sched == nullptr: blockIdx.x + gridDim.x, + 2 gridDim.x, ... (static stride);
 //   * with sched (two ints, zero at launch): gridDim.x + atomicAdd(sched, 1), i.e. the next tile
 //     nobody has taken (dynamic). Causal tiles differ in cost up to Lk/BN times, and a static stride
@@ -217,11 +216,11 @@ __device__ __forceinline__ void rescale_if_needed(float (&o)[D / 2], float corr_
 }
 
 // Hands tile indices from the drawing thread (the K/V producer) to the Q loader thread and the
-// 4 * CONSUMERS consumer warps: kSlots slots, each an int with a full and an empty mbarrier; as many slots as
-// the deepest K/V ring, so that the producer can run that many (one-key-tile) tiles ahead. Each
-// side counts the entries it has passed (n): entry n uses slot n % kSlots, in fill n / kSlots of
-// that slot (one counter instead of a RingPos: the consumers are one register short at D=128,
-// BN=176).
+// 4 * CONSUMERS consumer warps: kSlots slots, each an int with a full and an empty mbarrier; as
+// many slots as the deepest K/V ring, so that the producer can run that many (one-key-tile) tiles
+// ahead. Each side counts the entries it has passed (n): entry n uses slot n % kSlots, in fill
+// n / kSlots of that slot (one counter instead of a RingPos: the consumers are one register short
+// at D=128, BN=176).
 template <int CONSUMERS>
 struct TileQueue {
     static constexpr unsigned kSlots = 4;
@@ -395,9 +394,8 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
             }
         } else if (pw == 1 && (threadIdx.x & 31) == 0) {
             // Loads Q: the 64-row part of every consumer warpgroup of every tile, each when its
-            // warpgroup freed it. A tile
-            // whose rows see no key (causal, Lq > Lk) gets the same handshake with no bytes, so the
-            // Q barriers' phases follow the queue's entry count.
+            // warpgroup freed it. A tile whose rows see no key (causal, Lq > Lk) gets the same
+            // handshake with no bytes, so the Q barriers' phases follow the queue's entry count.
             tma_prefetch_map(&tm_q);
             unsigned queued = 0;
 #pragma unroll 1
