@@ -209,7 +209,7 @@ class FlashBackend(Backend):
         if not hopper_why:
             grid = {"dynamic": "persistent grid drawing tiles on demand", "static": "persistent grid, static stride",
                     "per-tile": "one block per tile"}[_flash_sm90.grid_kind(problem)]
-            config = _flash_sm90.tile_config(problem.head_dim, problem.len_k)
+            config = _flash_sm90.tile_config(problem.head_dim, problem.len_k, problem.causal)
             return [f"Hopper kernel {_flash_sm90.kernel_name(problem.dtype, problem.head_dim, config)} "
                     f"(wgmma + TMA, warp-specialised, {grid})"] + _flash_bwd.backward_notes(problem)
         out = ["sm80 kernel (mma.sync) because the Hopper kernel cannot run: " + "; ".join(hopper_why)]

@@ -35,21 +35,30 @@ SOURCE = "flash_fwd_sm90.cu"
 DEFAULT_CONSUMERS = 2
 BLOCK_M = 64 * DEFAULT_CONSUMERS            # query rows per block with the default two consumers
 THREADS = 128 * (DEFAULT_CONSUMERS + 1)     # producer warpgroup + two consumer warpgroups
-# head dim -> (keys per tile BN, K/V ring stages) of the proven configuration
-CONFIGS = {64: (128, 4), 128: (128, 2), 256: (64, 2)}
+# head dim -> (keys per tile BN, K/V ring stages[, consumer warpgroups]) of the default configuration.
+# D=64 runs three consumer warpgroups (192 query rows per K/V tile, as FlashAttention-3 runs D=64):
+# at 64 columns a tile's products are short, and two warpgroups' worth of rows per K/V tile leaves
+# the tensor cores waiting (tools/ab_sm90.py on an H200, 2026-11-28, interleaved, TFLOP/s with
+# (128,4,3) against two consumers' best config: L=4k 462 vs 408 full, 397 vs 373 causal; L=16k
+# 526 vs 445 full, 488 vs 432 causal; cuDNN 432 / 397 / 444 / 429).
+CONFIGS = {64: (128, 4, 3), 128: (128, 2), 256: (64, 2)}
 HEAD_DIMS = tuple(sorted(CONFIGS))
 # Long key ranges (Lk >= LONG_KEYS) take wider key tiles: fewer online-softmax rescales and
 # barrier rounds per key, which pays once a row has many tiles to walk and costs at short ones
 # (tools/tune_sm90.py on an H200, 2026-11-28, same run: D=128 BN=176 vs 128 at L=16k +3% full,
-# +15% causal, -4% at L=1k; D=64 BN=192 / 3 stages vs 128 / 4 at L=16k +10% full, +3% causal,
-# -9% at 1k; D=256 BN=80 spills).
-LONG_CONFIGS = {64: (192, 3), 128: (176, 2)}
+# +15% causal, -4% at L=1k; D=256 BN=80 spills). D=64 has none: with three consumers BN=192 does
+# not fit 160 registers, and (128,4,3) beats two consumers' (192,3) at L=16k by 14-18%.
+LONG_CONFIGS = {128: (176, 2)}
 LONG_KEYS = 8192
+# Short causal rows (Lk < SHORT_CAUSAL_KEYS) at D=64 keep two consumers: 128-row tiles waste less
+# of the diagonal and give the scheduler more, shorter tiles to even out (same A/B, L=1k causal:
+# 266 vs 244 TFLOP/s; L=1k full favours three consumers, 371 vs 352).
+SHORT_CAUSAL_CONFIGS = {64: (128, 4)}
+SHORT_CAUSAL_KEYS = 2048
 # Instantiated (so the CI compile gate covers them) but never chosen by tile_config: for tools and
-# tests that force them (forward(config=...), tools/ab_sm90.py). Three consumer warpgroups at D=64
-# (192 query rows per K/V tile, as FlashAttention-3 runs D=64), to be A/B-timed against CONFIGS on
-# a GPU; they get 160 registers a thread, which holds BN=128 and not BN=192 (ptxas spills).
-EXTRA_CONFIGS = {64: [(128, 4, 3), (128, 2, 3)]}
+# tests that force them (forward(config=...), tools/ab_sm90.py). Three consumers get 160 registers
+# a thread, which holds BN=128 and not BN=192 (ptxas spills).
+EXTRA_CONFIGS = {64: [(128, 2, 3), (192, 3)]}
 _CTYPES = {FLOAT16: "__half", BFLOAT16: "__nv_bfloat16"}
 _TMA_DTYPE = {FLOAT16: 6, BFLOAT16: 9}    # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
 _MAX_LEN = 2**31 - 1024                   # TMA coordinates and row indices are int32
@@ -107,8 +116,10 @@ def threads(config) -> int:
     return 128 * (full_config(config)[2] + 1)
 
 
-def tile_config(head_dim: int, len_k: int = 0) -> Tuple[int, int, int]:
-    """(BN, STAGES, CONSUMERS) the kernel runs with for this head dim and number of keys."""
+def tile_config(head_dim: int, len_k: int = 0, causal: bool = False) -> Tuple[int, int, int]:
+    """(BN, STAGES, CONSUMERS) the kernel runs with for this head dim, number of keys and mask."""
+    if causal and len_k < SHORT_CAUSAL_KEYS and head_dim in SHORT_CAUSAL_CONFIGS:
+        return full_config(SHORT_CAUSAL_CONFIGS[head_dim])
     if len_k >= LONG_KEYS and head_dim in LONG_CONFIGS:
         return full_config(LONG_CONFIGS[head_dim])
     return full_config(CONFIGS[head_dim])
@@ -117,8 +128,9 @@ def tile_config(head_dim: int, len_k: int = 0) -> Tuple[int, int, int]:
 def configs(head_dim: int) -> List[Tuple[int, int, int]]:
     """Every (BN, STAGES, CONSUMERS) tile_config can choose for a head dim."""
     out = [full_config(CONFIGS[head_dim])]
-    if head_dim in LONG_CONFIGS and full_config(LONG_CONFIGS[head_dim]) not in out:
-        out.append(full_config(LONG_CONFIGS[head_dim]))
+    for table in (LONG_CONFIGS, SHORT_CAUSAL_CONFIGS):
+        if head_dim in table and full_config(table[head_dim]) not in out:
+            out.append(full_config(table[head_dim]))
     return out
 
 
@@ -409,7 +421,7 @@ def forward(problem: Problem, poison=None, grid=None, checked=False, config=None
     split = batch_split(problem, (q, k, v))
     (nb0, _), (nb1, _) = split[1], split[2]
 
-    config = full_config(config) if config is not None else tile_config(D, Lk)
+    config = full_config(config) if config is not None else tile_config(D, Lk, problem.causal)
     if config[2] != DEFAULT_CONSUMERS and D != 64:
         raise ValueError(f"{config[2]} consumer warpgroups are instantiated for D=64 only, not D={D}")
     bn = config[0]

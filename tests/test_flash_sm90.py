@@ -70,12 +70,19 @@ def _check_twice(qn, kn, vn, causal, ref=None, grid=None, config=None):
     assert np.array_equal(cupy.asnumpy(lse).view(np.uint32), cupy.asnumpy(lse2).view(np.uint32))
 
 
-# Configurations forward() only runs when forced: the long-key tiles on short shapes, and the
-# instantiations of EXTRA_CONFIGS (three consumer warpgroups at D=64, 192-row tiles).
-FORCED_CONFIGS = ([pytest.param(d, _flash_sm90.full_config(c), id=f"D{d}-long")
-                   for d, c in sorted(_flash_sm90.LONG_CONFIGS.items())]
-                  + [pytest.param(d, _flash_sm90.full_config(c), id=f"D{d}-" + "x".join(map(str, _flash_sm90.full_config(c))))
-                     for d, cs in sorted(_flash_sm90.EXTRA_CONFIGS.items()) for c in cs])
+# Configurations the shape grid does not cover in both masks, forced on short shapes, causal and
+# not: the long-key tiles, the short-causal D=64 tile (two consumers), D=64's default (three
+# consumers, which short causal rows do not take) and the instantiations of EXTRA_CONFIGS.
+def _forced_configs():
+    full = _flash_sm90.full_config
+    pairs = [(d, full(c)) for table in (_flash_sm90.LONG_CONFIGS, _flash_sm90.SHORT_CAUSAL_CONFIGS)
+             for d, c in table.items()]
+    pairs += [(d, full(_flash_sm90.CONFIGS[d])) for d in _flash_sm90.SHORT_CAUSAL_CONFIGS]
+    pairs += [(d, full(c)) for d, cs in _flash_sm90.EXTRA_CONFIGS.items() for c in cs]
+    return [pytest.param(d, c, id=f"D{d}-" + "x".join(map(str, c))) for d, c in sorted(set(pairs))]
+
+
+FORCED_CONFIGS = _forced_configs()
 LONG_TILES = [pytest.param(d, id=f"D{d}") for d in sorted(_flash_sm90.LONG_CONFIGS)]
 
 
@@ -278,7 +285,8 @@ def test_kernel_specs_cpu():
     all_configs = {d: _flash_sm90.instantiated_configs(d) for d in _flash_sm90.HEAD_DIMS}
     for d, cs in all_configs.items():
         assert len(cs) == len(set(cs)) and all(len(c) == 3 for c in cs)
-        wanted = [_flash_sm90.CONFIGS[d], _flash_sm90.LONG_CONFIGS.get(d, _flash_sm90.CONFIGS[d])]
+        wanted = [_flash_sm90.CONFIGS[d]] + [t[d] for t in (_flash_sm90.LONG_CONFIGS, _flash_sm90.SHORT_CAUSAL_CONFIGS)
+                                             if d in t]
         assert set(cs) == set(map(full, wanted + list(_flash_sm90.EXTRA_CONFIGS.get(d, ()))))
         assert set(_flash_sm90.configs(d)) == set(map(full, wanted))
     assert len(specs) == 2 * sum(len(cs) for cs in all_configs.values())   # two dtypes
@@ -288,15 +296,21 @@ def test_kernel_specs_cpu():
     assert _flash_sm90.kernel_name(BFLOAT16, 128) == "flash_fwd_sm90_kernel<__nv_bfloat16, 128, 128, 2>"
     assert _flash_sm90.kernel_name(BFLOAT16, 64, (192, 3, 2)) == "flash_fwd_sm90_kernel<__nv_bfloat16, 64, 192, 3>"
     assert _flash_sm90.kernel_name(FLOAT16, 64, (128, 4, 3)) == "flash_fwd_sm90_kernel<__half, 64, 128, 4, 3>"
-    # long key ranges take the wider tiles, short ones the default; both with two consumers
+    # long key ranges take the wider tiles (D=128), short causal rows at D=64 two consumers, the
+    # rest the default; every choice is instantiated
     for d in _flash_sm90.HEAD_DIMS:
-        assert _flash_sm90.tile_config(d, 1024) == full(_flash_sm90.CONFIGS[d])
-        long_cfg = _flash_sm90.tile_config(d, _flash_sm90.LONG_KEYS)
-        assert long_cfg == full(_flash_sm90.LONG_CONFIGS.get(d, _flash_sm90.CONFIGS[d]))
-        assert _flash_sm90.spec_for(BFLOAT16, d, long_cfg) in specs
-        assert long_cfg[2] == _flash_sm90.tile_config(d, 1024)[2] == 2
-    # the three-consumer D=64 instantiations the A/B runs force are in the gate's list
-    for cfg in ((128, 4, 3), (128, 2, 3)):
+        for causal in (False, True):
+            assert _flash_sm90.tile_config(d, 4096, causal) == full(_flash_sm90.CONFIGS[d])
+            long_cfg = _flash_sm90.tile_config(d, _flash_sm90.LONG_KEYS, causal)
+            assert long_cfg == full(_flash_sm90.LONG_CONFIGS.get(d, _flash_sm90.CONFIGS[d]))
+            assert _flash_sm90.spec_for(BFLOAT16, d, long_cfg) in specs
+        short_causal = _flash_sm90.tile_config(d, 1024, True)
+        assert short_causal == full(_flash_sm90.SHORT_CAUSAL_CONFIGS.get(d, _flash_sm90.CONFIGS[d]))
+        assert _flash_sm90.tile_config(d, 1024, False) == full(_flash_sm90.CONFIGS[d])
+    assert _flash_sm90.tile_config(64, 4096) == (128, 4, 3) and _flash_sm90.tile_config(64, 1024, True)[2] == 2
+    assert all(_flash_sm90.tile_config(d, n, c)[2] == 2 for d in (128, 256) for n in (1024, 16384) for c in (0, 1))
+    # the other D=64 instantiations the A/B runs force are in the gate's list
+    for cfg in ((128, 2, 3), (192, 3, 2)):
         assert cfg in all_configs[64]
         assert _flash_sm90.spec_for(BFLOAT16, 64, cfg) in specs and _flash_sm90.spec_for(FLOAT16, 64, cfg) in specs
     assert all(c[2] == 2 for d, cs in all_configs.items() if d != 64 for c in cs)
@@ -314,7 +328,8 @@ def test_config_geometry_cpu():
     # Q: 64 rows a consumer; barriers: Q full/empty a consumer + K/V full/empty a stage; queue; slack
     assert f.smem_bytes(64, (128, 4, 2)) == 128 * 64 * 2 + 2 * 4 * 128 * 64 * 2 + 8 * (4 + 16) + 80 + 1024
     assert f.smem_bytes(64, (128, 4, 3)) == 192 * 64 * 2 + 2 * 4 * 128 * 64 * 2 + 8 * (6 + 16) + 80 + 1024
-    assert f.smem_bytes(64, (128, 4)) == f.smem_bytes(64, (128, 4, 2)) == f.smem_bytes(64)
+    assert f.smem_bytes(64, (128, 4)) == f.smem_bytes(64, (128, 4, 2))
+    assert f.smem_bytes(64) == f.smem_bytes(64, f.CONFIGS[64])    # the default config
 
 
 def test_compiles_clean_cpu():
@@ -325,7 +340,7 @@ def test_compiles_clean_cpu():
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"NVRTC unavailable: {exc}")
     from cupyattn._kernels import compile_offline
-    for d, config in ((256, None), (64, _flash_sm90.tile_config(64, _flash_sm90.LONG_KEYS)), (64, (128, 4, 3))):
+    for d, config in ((256, None), (64, (192, 3)), (64, (128, 4, 3))):
         rep = compile_offline(_flash_sm90.spec_for(BFLOAT16, d, config), "sm_90a")
         assert rep.ok and not rep.spills, rep.line() + rep.log[-2000:]
         assert "C7508" not in rep.log and "ignored" not in rep.log, rep.log
