@@ -40,5 +40,10 @@ for causal in (False, True):
     print("flash 64 64 many tiles", causal, flush=True)
     out, lse = cupyattn.attention(q, k, v, causal=causal, backend="flash", return_lse=True)
     cupyattn.attention_backward(out, q, k, v, out, lse, causal=causal, backend="flash")
+# Causal rows long enough (Lk >= SHORT_CAUSAL_KEYS) for D=64's three consumer warpgroups, with a
+# partial 192-row tile; the short cases above run D=64 causal with two.
+q, k, v = arr(1, 4, 300, 64), arr(1, 4, 2100, 64), arr(1, 4, 2100, 64)
+print("flash 64 64 causal three consumers", flush=True)
+cupyattn.attention(q, k, v, causal=True, backend="flash", return_lse=True)
 cupy.cuda.Device().synchronize()
 print("sanitizer case done")
