@@ -37,7 +37,11 @@ def _on_torch_stream(tensor):
         return contextlib.nullcontext()
     import cupy
     stream = torch.cuda.current_stream(tensor.device)
-    return _Both(cupy.cuda.Device(tensor.device.index), cupy.cuda.ExternalStream(stream.cuda_stream, tensor.device.index))
+    if hasattr(stream, "__cuda_stream__") and hasattr(cupy.cuda.Stream, "from_external"):
+        wrapped = cupy.cuda.Stream.from_external(stream)       # the CUDA stream protocol (CuPy >= 14)
+    else:
+        wrapped = cupy.cuda.ExternalStream(stream.cuda_stream, tensor.device.index)
+    return _Both(cupy.cuda.Device(tensor.device.index), wrapped)
 
 
 class _Both:
