@@ -9,7 +9,9 @@ environment replaces the rows: "D:L:CFG,...", where CFG is BNxSTAGES (two consum
 BNxSTAGESxCONSUMERS, or several of them separated by "|" to time those configurations of the current
 source against each other in the same rounds, e.g.
     AB_ROWS="64:4096:128x4|128x4x3,64:16384:192x3|128x4x3"
-AB_GRIDS="dynamic,per-tile" picks the grids the current source runs with (all of GRIDS by default).
+AB_GRIDS="dynamic,per-tile" picks the grids the current source runs with (all of GRIDS by default);
+AB_SWIZZLE="0,4,8" also times it with those (batch, head) swizzle widths (_flash_sm90.SWIZZLE_WIDTH;
+0 = the default rule, K and V of a group in half of L2), labelled ".../sw<N>".
 
 Variants: the current source with each grid of _flash_sm90.GRIDS and each configuration of the
 row ("cur/<grid>", or "cur/<grid>/<CFG>" when the row names several), and each source named on the
@@ -54,13 +56,18 @@ def parse_rows(text):
 
 
 def row_variants(cfgs):
-    """(name, source, grid, config) of every variant timed on a row with configurations `cfgs`."""
-    cur = [(f"cur/{g}" + (f"/{cfg_label(c)}" if len(cfgs) > 1 else ""), _flash_sm90.SOURCE, g, c)
-           for g in GRIDS for c in cfgs]
-    return cur + [(name, src, grid, cfgs[0]) for name, src, grid in EXTRA]
+    """(name, source, grid, config, swizzle) of every variant timed on a row with configurations
+    `cfgs` (swizzle: SWIZZLE_WIDTH, None = the default rule)."""
+    cur = [(f"cur/{g}" + (f"/{cfg_label(c)}" if len(cfgs) > 1 else "") + (f"/sw{w}" if w else ""),
+            _flash_sm90.SOURCE, g, c, w)
+           for g in GRIDS for c in cfgs for w in SWIZZLES]
+    return cur + [(name, src, grid, cfgs[0], None) for name, src, grid in EXTRA]
 
 
 GRIDS = os.environ.get("AB_GRIDS", ",".join(_flash_sm90.GRIDS)).split(",")
+# AB_SWIZZLE="0,2,4": the current source also with these (batch, head) swizzle widths
+# (_flash_sm90.SWIZZLE_WIDTH; 0 = the default rule, half of L2)
+SWIZZLES = [int(w) or None for w in os.environ.get("AB_SWIZZLE", "0").split(",")]
 EXTRA = [_extra(a) for a in sys.argv[1:]]
 # (D, L, [config]): the default tiles of each length, then the other length's tiles at 4k and
 # 16k (is LONG_KEYS, where the wide tiles start, in the right place?)
@@ -82,11 +89,12 @@ def time_ms(f, reps=8):
     return cupy.cuda.get_elapsed_time(s, e) / reps
 
 
-def fn_for(src, grid, p, cfg):
+def fn_for(src, grid, p, cfg, swizzle=None):
     """A call of the forward with kernel source `src` (the source is a module global, so each call
     sets it and drops the cached spec; the host cost is hidden behind the kernels in flight)."""
     def f():
         _flash_sm90.SOURCE = src
+        _flash_sm90.SWIZZLE_WIDTH = swizzle
         _flash_sm90.spec_for.cache_clear()
         return _flash_sm90.forward(p, grid=grid, config=cfg)
     f()                                                  # compile + load now
@@ -108,7 +116,7 @@ for D, L, cfgs in ROWS:
     variants = row_variants(cfgs)
     for causal in (False, True):
         p = normalize(q, k, v, causal=causal)
-        fns = {name: fn_for(src, grid, p, cfg) for name, src, grid, cfg in variants}
+        fns = {name: fn_for(src, grid, p, cfg, w) for name, src, grid, cfg, w in variants}
         ref = fns[variants[0][0]]()[0].astype(np.float32)
         for name, f in fns.items():
             err = float(cupy.abs(f()[0].astype(np.float32) - ref).max())
