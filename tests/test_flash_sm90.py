@@ -347,6 +347,19 @@ def test_compiles_clean_cpu():
         assert "serializ" not in rep.log, rep.log
 
 
+def test_swizzle_width_cpu(monkeypatch):
+    """Causal problems order the tiles of all (batch, head) pairs together (heaviest first across
+    heads); full ones group as many pairs as keep K and V in half of L2; SWIZZLE_WIDTH overrides."""
+    monkeypatch.setattr(_flash_sm90, "_l2_bytes", lambda device_id: 50 * 2**20)
+    width = _flash_sm90._swizzle_width
+    assert width(0, 4096, 128, 1, 64, causal=True) == 64
+    assert width(0, 4096, 128, 1, 64) == 25 * 2**20 // (2 * 4096 * 128 * 2) == 12
+    assert width(0, 4096, 128, 4, 64) == 50                  # GQA: a kv head serves 4 query heads
+    assert width(0, 1 << 20, 256, 1, 8) == 1 and width(0, 64, 64, 1, 8) == 8
+    monkeypatch.setattr(_flash_sm90, "SWIZZLE_WIDTH", 5)
+    assert width(0, 4096, 128, 1, 64, causal=True) == width(0, 4096, 128, 1, 64) == 5
+
+
 def test_grid_choice_cpu():
     """The grid each problem gets (grid_kind): dynamic, but per-tile for long causal rows at D=256;
     the module's GRID overrides it."""
