@@ -3,7 +3,8 @@
 One Python driver serves NumPy and CuPy. The batch axes are folded into the head axis where the
 arrays' strides allow it as a view (`fold_batch`), else the driver goes one batch element at a
 time. The (Hkv, G, Lq) query rows are cut into rectangular chunks (several kv heads, several
-groups of one head, or a range of rows of one query head), sized so the chunk's intermediates fit the workspace budget. Per chunk:
+groups of one head, or a range of rows of one query head), sized so the chunk's intermediates fit
+the workspace budget. Per chunk:
 
     S   = Q_c K^T                  (batched GEMM; float32 result for half inputs, never rounded)
     P   = fused softmax step(S)    (scale, causal, mask/bias, row max/sum, normalise, lse)
@@ -973,7 +974,7 @@ def fold_batch(problem: Problem, *others) -> Optional[tuple]:
     q, k, v = merged[:3]
     mask = merged[3] if problem.mask is not None else None
     folded = replace(problem, q=q, k=k, v=v, mask=mask, batch_shape=(1,),
-                                 num_heads_q=q.shape[1], num_heads_kv=k.shape[1])
+                     num_heads_q=q.shape[1], num_heads_kv=k.shape[1])
     return (folded,) + tuple(merged[len(arrays) - len(others):])
 
 
@@ -1052,10 +1053,11 @@ class ChunkedBackend(Backend):
     def notes(self, problem):
         budget = workspace_budget(problem)
         out = []
+        folded = batch_folded(problem)
         if problem.batch_size > 1:
-            out.append("batch elements folded into the head axis (chunks may span them)" if fold_batch(problem)
+            out.append("batch elements folded into the head axis (chunks may span them)" if folded is not problem
                        else "one batch element at a time (its strides do not fold into the head axis)")
-        problem = batch_folded(problem)
+        problem = folded
         for direction in ("forward", "backward"):
             rows = chunk_rows(problem, direction, budget)
             out.append(f"{direction}: chunks of {rows} query rows x {problem.len_k} keys, "

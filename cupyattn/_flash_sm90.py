@@ -144,8 +144,8 @@ def instantiated_configs(head_dim: int) -> List[Tuple[int, int, int]]:
 
 
 def kernel_name(dtype, head_dim: int, config=None) -> str:
-    """The C++ name of the instantiation for `dtype`, `head_dim` and `config` (default: the
-    short-key configuration). Two consumers is the template's default and stays unnamed, so the
+    """The C++ name of the instantiation for `dtype`, `head_dim` and `config` (default:
+    CONFIGS[head_dim]). Two consumers is the template's default and stays unnamed, so the
     name also fits sources from before the parameter (tools/ab_sm90.py compiles old revisions)."""
     bn, stages, consumers = full_config(config or CONFIGS[head_dim])
     extra = "" if consumers == DEFAULT_CONSUMERS else f", {consumers}"
