@@ -51,6 +51,30 @@ __device__ __forceinline__ void tma_load_5d(unsigned dst, const TmaMap* map, uns
            "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
         : "memory");
 }
+// TMA store (shared -> global) of one box at the given coordinates, completed through the issuing
+// thread's bulk async-groups: commit with bulk_commit_group, then bulk_wait_group_read<N> (the
+// source shared memory may be reused) or bulk_wait_group<N> (the global writes are done). Rows and
+// columns outside the tensor map's extents are not written. The shared-memory writes it reads must
+// be made visible to the async proxy first (fence_proxy_async_shared by every writer, then a barrier).
+__device__ __forceinline__ void tma_store_5d(const TmaMap* map, unsigned src, int c0, int c1, int c2, int c3, int c4) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5, %6}], [%1];\n"
+        :: "l"(reinterpret_cast<unsigned long long>(map)), "r"(src),
+           "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
+        : "memory");
+}
+__device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait_group_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void bulk_wait_group() { asm volatile("cp.async.bulk.wait_group %0;\n" :: "n"(N) : "memory"); }
+// Orders this thread's earlier generic-proxy shared-memory accesses before later async-proxy ones
+// (TMA, wgmma) of whoever synchronises with it afterwards.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
 __device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" :: "l"(reinterpret_cast<unsigned long long>(map)) : "memory");
 }
@@ -113,6 +137,15 @@ __device__ __forceinline__ void named_bar_arrive(int id, int count) {
     asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(count) : "memory");
 }
 
+
+// Stores four 8x8 matrices of 16-bit elements (stmatrix .x4): lane 8i+r gives the shared address
+// of row r of matrix i (16 contiguous bytes, 16-byte aligned); register i holds matrix i's fragment
+// in the mma accumulator layout (lane 4g+t: row g, columns 2t, 2t+1, the lower column in the low
+// half). The whole warp must execute it.
+__device__ __forceinline__ void stmatrix_x4(unsigned addr, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n"
+                 :: "r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
+}
 
 // P (accumulator layout) -> A-operand fragments. Key step kk covers columns 16kk..16kk+15, which
 // are accumulator chunks 2kk and 2kk+1, so the mapping is the identity on registers:
