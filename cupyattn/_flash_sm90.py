@@ -307,7 +307,8 @@ def tensor_map(address: int, dtype, dims, strides_bytes, box) -> np.ndarray:
 
 
 def encode_tensor_map(address: int, dtype, dims, strides_bytes, box) -> np.ndarray:
-    """A CUtensorMap for a tiled TMA load with 128-byte swizzle and zero fill out of bounds.
+    """A CUtensorMap for tiled TMA loads (zero fill out of bounds) and stores (out-of-bounds
+    elements not written) with 128-byte swizzle.
 
     dims: extents innermost first (dims[0] contiguous); strides_bytes: the byte strides of
     dims[1:]; box: the tile extents. Returns a one-element numpy structured array (128 bytes)
@@ -371,6 +372,24 @@ def launch_maps(arrays, shapes, idx, split, dtype, head_dim: int):
         maps.append(tensor_map(a.data.ptr + offset, dtype, (head_dim, l_ext, h_ext, b1_ext, b0_ext),
                                (l_st, h_st, b1_st, b0_st), (64, box_rows, 1, 1, 1)))
     return maps, bcast
+
+
+def out_map(address: int, dtype, head_dim: int, len_q: int, heads: int, nb1: int, nb0: int) -> np.ndarray:
+    """The tensor map the kernel's TMA-store epilogue writes out through: out of one launch is
+    contiguous (nb0, nb1, heads, len_q, head_dim) from `address`, mapped (D, L, H, B1, B0) like q
+    (never broadcast, so no bcast bits) with a box of 64 columns x 64 rows (one consumer
+    warpgroup's rows, one 128-byte swizzle chunk; the kernel stores D/64 boxes)."""
+    item = np.dtype(dtype).itemsize
+    row = head_dim * item
+    placeholder = row
+    dims, strides = [head_dim], []
+    stride = row
+    for extent in (len_q, heads, nb1, nb0):
+        ext, st, _ = _dim_entry(extent, stride, placeholder)
+        dims.append(ext)
+        strides.append(st)
+        stride *= extent
+    return tensor_map(address, dtype, tuple(dims), tuple(strides), (64, 64, 1, 1, 1))
 
 
 def launch_indices(split):
@@ -447,12 +466,16 @@ def forward(problem: Problem, poison=None, grid=None, checked=False, config=None
     shapes = ((Hq, Lq, 64), (Hkv, Lk, bn), (Hkv, Lk, bn))
     for launch, idx in launch_indices(split):
         maps, bcast = launch_maps((q, k, v), shapes, idx, split, dtype, D)
-        o = np.uint64(out.data.ptr + launch * out_step)
+        o_ptr = out.data.ptr + launch * out_step
+        o = np.uint64(o_ptr)
         s = np.uint64(lse.data.ptr + launch * lse_step)
+        # the last argument, tm_o, is new with the TMA-store epilogue: sources from before it
+        # (tools/ab_sm90.py) do not declare it and the launch ignores it
         fn((blocks,), (threads(config),),
            (maps[0], maps[1], maps[2], o, s, np.int32(Lq), np.int32(Lk), np.int32(Hq), np.int32(group),
             np.int32(nb1), np.int32(num_m), np.int32(num_bh), np.int32(swz_bh), np.int32(problem.causal),
-            np.int32(bcast), scale_log2, np.int32(num_tiles), sched),
+            np.int32(bcast), scale_log2, np.int32(num_tiles), sched,
+            out_map(o_ptr, dtype, D, Lq, Hq, nb1, nb0)),
            shared_mem=nbytes)
     return out, lse
 
