@@ -46,6 +46,16 @@
 // (one block per tile) is faster still, and the host picks it there (_flash_sm90.grid_kind).
 #include "hopper.cuh"
 
+// Epilogue variant (compile time; tools/ab_sm90.py times one against the other from a sed copy):
+//   1: each consumer warpgroup writes O / l as T into its own Q part in shared memory (the 128B
+//      swizzle layout of the Q map, stmatrix) and one thread stores those 64 rows with TMA through
+//      tm_o; the Q part goes back to the producer once the store has read it;
+//   0: O / l straight from registers to global memory (4-byte stores; tm_o is unused) and the Q
+//      part goes back right after the last wgmma.
+#ifndef CUPYATTN_TMA_STORE_EPILOGUE
+#define CUPYATTN_TMA_STORE_EPILOGUE 1
+#endif
+
 namespace sm90 {
 
 // The block's shape for CONSUMERS consumer warpgroups (2 or 3) of 64 query rows each, plus the
@@ -144,8 +154,10 @@ __device__ __forceinline__ void rescale(float (&o)[D / 2], float corr_lo, float 
 //  * Softmax: scores stay raw; the row max is taken on raw scores (of -s for a negative scale) and
 //    exp2(s * scale_log2 - max) is one FFMA + one MUFU per element; masked tiles take the
 //    prescaled path. O is rescaled only when some row of the warp changed its max.
-//  * Epilogue: O / l straight from registers to global memory (no shared staging, so the Q buffer
-//    is released at the end of the key loop and the next tile's Q load overlaps the epilogue).
+//  * Epilogue (CUPYATTN_TMA_STORE_EPILOGUE 0): O / l straight from registers to global memory (no
+//    shared staging, so the Q buffer is released at the end of the key loop and the next tile's Q
+//    load overlaps the epilogue). With 1 (epilogue_tma_store): O / l is staged in the warpgroup's
+//    own Q part and written by a TMA store; the Q part is released once the store has read it.
 
 template <int BN>
 __device__ __forceinline__ void softmax_fast(float (&sc)[BN / 2], bool need_mask, int key0, int Lk, int causal,
@@ -315,12 +327,86 @@ __device__ __forceinline__ TileInfo decode_tile(int tile, int Lq, int Lk, int Hq
     return t;
 }
 
+#if CUPYATTN_TMA_STORE_EPILOGUE
+// threadIdx.x read afresh (a volatile asm is never merged with an earlier read): the consumers of
+// D=128, BN=176 have no register to keep their thread index across the key loop (ptxas spilled it).
+__device__ __forceinline__ int fresh_tid_x() {
+    unsigned x;
+    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(x));
+    return static_cast<int>(x);
+}
+
+// The epilogue through shared memory, for one consumer warpgroup (thread tw of 128) whose last wgmma
+// has completed (so nothing reads its Q part sQw any more: an S GEMM completed before the last PV
+// GEMM was issued, and wgmma completion is followed by an implicit generic-async proxy fence).
+//  1. O / l as T into sQw, in the Q map's layout: D/64 column chunks of 64 rows x 128 bytes, chunk
+//     c at sQw + c * 8192 (1024-aligned), row r at r * 128, 16-byte unit u (columns 8u..8u+7 of
+//     the chunk) at ((u ^ (r % 8)) * 16), i.e. the TMA 128B swizzle. One stmatrix.x4 per 16
+//     columns: matrices 0 / 1 are rows g / g+8 of the warp's 16 (accumulator chunk j = 2i), 2 / 3
+//     the same rows at j = 2i+1, and the registers are exactly the accumulator pairs (row g: o[4j],
+//     o[4j+1]; row g+8: o[4j+2], o[4j+3]). Lane 8m+r addresses row r of matrix m: row 16 warp +
+//     8 (m & 1) + r, unit 2 (i % 4) + (m >> 1), which the swizzle turns into (2 (i % 4)) ^ ((m >> 1) ^ r)
+//     since 2 (i % 4) is even. The 8 rows of a matrix have 8 different r = row % 8, so their 16-byte
+//     units fall in 8 different 16-byte bank groups: each matrix is one conflict-free 128-byte wavefront.
+//  2. Every thread fences its writes for the async proxy, the warpgroup syncs on its own named
+//     barrier (epi_bar, 128 threads), and thread 0 stores the D/64 chunks with TMA (rows past Lq
+//     are clipped by the map) and waits until they have been READ (wait_group.read).
+//  3. Every thread arrives on the Q part's empty barrier (count 128): thread 0 only after that
+//     wait, so the producer cannot refill sQw before the store has read it. The global writes may
+//     still be in flight; thread 0 waits for them (bulk_wait_group<0>) before the block exits.
+//  lse: a plain global store per row, as before. The named barrier waits for the slowest warp of
+//  the warpgroup once per tile; thread 0's warp waits for the store's read (64 x D x 2 bytes).
+template <typename T, int D>
+__device__ __forceinline__ void epilogue_tma_store(const float (&o)[D / 2], float l_lo, float l_hi, float m_lo,
+                                                   float m_hi, int bh, int r_lo, int Lq, int Hq, int nb1,
+                                                   float* __restrict__ lse_out, unsigned sQw,
+                                                   const TmaMap* tm_o, int epi_bar, unsigned q_empty) {
+    const int tw = fresh_tid_x() & 127;   // the thread in the warpgroup
+    const int warp = tw >> 5, lane = tw & 31, t4 = lane & 3;
+    const int r_hi = r_lo + 8;
+    // the store's (h, b1, b0) again from bh, which the loop kept anyway (D=128 at BN=176 has no
+    // register to spare across the key loop); decoded up front, where its latency hides under the
+    // row sums and the shared-memory writes instead of delaying the store after the barrier
+    int h = bh % Hq, bb = bh / Hq, b1 = bb % nb1, b0 = bb / nb1;
+    asm volatile("" : "+r"(h), "+r"(b1), "+r"(b0));   // computed here, not sunk into thread 0's branch
+    l_lo = quad_sum(l_lo);
+    l_hi = quad_sum(l_hi);
+    const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f;
+    const float inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
+    {
+        const int mat = lane >> 3, r8 = lane & 7;
+        const unsigned row_addr = sQw + static_cast<unsigned>(warp * 16 + (mat & 1) * 8 + r8) * 128u;
+        const unsigned unit = static_cast<unsigned>((mat >> 1) ^ r8) << 4;
+#pragma unroll
+        for (int i = 0; i < D / 16; ++i)
+            stmatrix_x4(row_addr + (i / 4) * (64u * 128u) + (unit ^ ((i % 4) * 32u)),
+                        pack2<T>(o[8 * i + 0] * inv_lo, o[8 * i + 1] * inv_lo),
+                        pack2<T>(o[8 * i + 2] * inv_hi, o[8 * i + 3] * inv_hi),
+                        pack2<T>(o[8 * i + 4] * inv_lo, o[8 * i + 5] * inv_lo),
+                        pack2<T>(o[8 * i + 6] * inv_hi, o[8 * i + 7] * inv_hi));
+    }
+    fence_proxy_async_shared();
+    named_bar_sync(epi_bar, 128);
+    if (tw == 0) {
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c)
+            tma_store_5d(tm_o, sQw + c * (64u * 128u), c * 64, r_lo, h, b1, b0);   // thread 0: r_lo = first row
+        bulk_commit_group();
+        bulk_wait_group_read<0>();
+    }
+    mbar_arrive(q_empty);
+    const long long row_base = static_cast<long long>(bh) * Lq;
+    if (t4 == 0 && r_lo < Lq) lse_out[row_base + r_lo] = l_lo > 0.f ? (m_lo + cupyattn::fast_log2(l_lo)) * kLn2 : -INFINITY;
+    if (t4 == 0 && r_hi < Lq) lse_out[row_base + r_hi] = l_hi > 0.f ? (m_hi + cupyattn::fast_log2(l_hi)) * kLn2 : -INFINITY;
+}
+#endif
+
 template <typename T, int D, int BN, int STAGES, int CONSUMERS>
 __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& tm_k, const TmaMap& tm_v,
                                               T* __restrict__ out, float* __restrict__ lse_out, int Lq, int Lk,
                                               int Hq, int group, int nb1, int num_m_blocks, int num_bh,
                                               int swz_bh, int causal, int bcast, float scale_log2, int num_tiles,
-                                              int* sched) {
+                                              int* sched, const TmaMap& tm_o) {
     using P = Plan<D, BN, STAGES, CONSUMERS>;
     using R = Roles<CONSUMERS>;
     extern __shared__ unsigned char smem_raw[];
@@ -433,6 +519,9 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
         // tensor-core turns, round robin: wait on my_bar, issue, arrive on the next one's
         const int my_bar = 3 + w, next_bar = C == 2 ? 4 - w : (w + 1 == C ? 3 : 4 + w);
         if (w == 0) named_bar_arrive(3, 256);   // warpgroup 0 issues first
+#if CUPYATTN_TMA_STORE_EPILOGUE
+        if (tw == 0) tma_prefetch_map(&tm_o);
+#endif
 
         RingPos pos;
         unsigned queued = 0;
@@ -516,6 +605,13 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                 fence_regs(o);
                 mbar_arrive(bar_empty_v(prev.stage));
             }
+#if CUPYATTN_TMA_STORE_EPILOGUE
+            // Q part w is released inside, once the TMA store has read it. Named barriers 3 + C + w:
+            // 0 is __syncthreads, 3 .. 2 + C the tensor-core turns.
+            (void)r_hi;
+            epilogue_tma_store<T, D>(o, l_lo, l_hi, m_lo, m_hi, t.bh, r_lo, Lq, Hq, nb1, lse_out, sQw, &tm_o,
+                                     3 + C + w, bar_q_empty(w));
+#else
             mbar_arrive(bar_q_empty(w));   // every wgmma reading this Q part has completed
 
             // ---- epilogue: normalise and store straight from registers ----------------------------
@@ -538,7 +634,11 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                     *reinterpret_cast<unsigned*>(dst + 8 * j) = pack2<T>(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
                 if (t4 == 0) lse_out[row_base + r_hi] = l_hi > 0.f ? (m_hi + cupyattn::fast_log2(l_hi)) * kLn2 : -INFINITY;
             }
+#endif
         }
+#if CUPYATTN_TMA_STORE_EPILOGUE
+        if ((fresh_tid_x() & 127) == 0) bulk_wait_group<0>();   // its TMA stores have reached global memory
+#endif
         if (w == 0) named_bar_sync(3, 256);   // takes warpgroup C-1's last arrival: every barrier balanced
     }
 }
@@ -553,13 +653,15 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
 // Tensor maps are 5-D, innermost first: (D, L, H, B1, B0). A dimension that is broadcast (stride
 // 0) has extent 1 in the map and its coordinate forced to 0 by `bcast` (bits 0-2: q's H, B1, B0;
 // 3-5: k's; 6-8: v's). out is contiguous (B0, B1, Hq, Lq, D); lse (B0, B1, Hq, Lq) float32.
+// tm_o (last, so that tools/ab_sm90.py can pass it to sources from before it) maps out the same
+// way, never broadcast, with a 64 x 64 box; the epilogue of CUPYATTN_TMA_STORE_EPILOGUE 0 ignores it.
 template <typename T, int D, int BN, int STAGES, int CONSUMERS = 2>
 __global__ void __launch_bounds__(sm90::Roles<CONSUMERS>::kThreads, 1)
 flash_fwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_constant__ sm90::TmaMap tm_k,
                       const __grid_constant__ sm90::TmaMap tm_v, T* __restrict__ out,
                       float* __restrict__ lse_out, int Lq, int Lk, int Hq, int group, int nb1,
                       int num_m_blocks, int num_bh, int swz_bh, int causal, int bcast, float scale_log2,
-                      int num_tiles, int* __restrict__ sched) {
+                      int num_tiles, int* __restrict__ sched, const __grid_constant__ sm90::TmaMap tm_o) {
     using namespace sm90;
     static_assert(D % 64 == 0 && D >= 64 && D <= 256, "head dim: 64, 128, 192 or 256");
     static_assert(CONSUMERS == 2 || D == 64, "3 consumer warpgroups: 160 registers hold a D=64 tile only");
@@ -568,5 +670,5 @@ flash_fwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_co
     static_assert(TileQueue<CONSUMERS>::kBytes == 80 && STAGES <= static_cast<int>(TileQueue<CONSUMERS>::kSlots),
                   "Plan reserves 80 bytes for the tile queue, whose slots cover the K/V ring");
     pingpong_body<T, D, BN, STAGES, CONSUMERS>(tm_q, tm_k, tm_v, out, lse_out, Lq, Lk, Hq, group, nb1, num_m_blocks,
-                                    num_bh, swz_bh, causal, bcast, scale_log2, num_tiles, sched);
+                                    num_bh, swz_bh, causal, bcast, scale_log2, num_tiles, sched, tm_o);
 }
