@@ -20,7 +20,8 @@ command line (a file in kernels_cu/, taking the current launch arguments; traili
 not declare are ignored) with the dynamic grid, or the grid named after a colon ("ab_old.cu:static";
 a source older than the dynamic scheduler has only the static and per-tile grids), with the row's
 first configuration (a source from before the consumer-count parameter has two consumers only).
-Each variant's output is checked against the first's before timing. Prints TFLOP/s (bf16,
+Each variant's output is checked against the first's before timing; one that differs is reported
+(MISMATCH) and left out of that row's timing. Prints TFLOP/s (bf16,
 B*L = 16k tokens, H*D = 2048) and the ratio to cuDNN."""
 import os
 import sys
@@ -63,11 +64,14 @@ def row_variants(cfgs):
     """(name, source, grid, config, swizzle) of every variant timed on a row with configurations
     `cfgs` (swizzle: SWIZZLE_WIDTH, None = the default rule)."""
     cur = [(f"cur/{g}" + (f"/{cfg_label(c)}" if len(cfgs) > 1 else "") + (f"/sw{w}" if w else ""),
-            _flash_sm90.SOURCE, g, c, w)
+            CURRENT_SOURCE, g, c, w)
            for g in GRIDS for c in cfgs for w in SWIZZLES]
     return cur + [(name, src, grid, cfgs[0], None) for name, src, grid in EXTRA]
 
 
+# the source the package ships, read once: fn_for sets _flash_sm90.SOURCE on every call, so after a
+# row it names whichever variant ran last (reading it per row once timed ab_noepi as "cur")
+CURRENT_SOURCE = _flash_sm90.SOURCE
 GRIDS = os.environ.get("AB_GRIDS", ",".join(_flash_sm90.GRIDS)).split(",")
 # AB_UNCHECKED="ab_noepi/dynamic,...": variants timed without checking their output (measurement
 # variants that skip work on purpose, e.g. the epilogue's stores)
@@ -125,10 +129,26 @@ for D, (LQ, LK), cfgs in ROWS:
     for causal in ((False, True) if LQ == LK else (False,)):
         p = normalize(q, k, v, causal=causal)
         fns = {name: fn_for(src, grid, p, cfg, w) for name, src, grid, cfg, w in variants}
-        ref = fns[variants[0][0]]()[0].astype(np.float32)
-        for name, f in fns.items():
-            err = float(cupy.abs(f()[0].astype(np.float32) - ref).max())
-            assert err < 0.02 or name in UNCHECKED, (name, err)
+        ref_out = fns[variants[0][0]]()[0]
+        ref = ref_out.astype(np.float32)
+        for name, f in list(fns.items()):
+            out = f()[0]
+            got = out.astype(np.float32)
+            err = float(cupy.abs(got - ref).max())
+            if not (err < 0.02 or name in UNCHECKED):
+                # reported and dropped from this row's timing, so one bad variant costs no call;
+                # read again after a device sync, to tell writes that land late from wrong ones
+                cupy.cuda.runtime.deviceSynchronize()
+                bad = (got != ref).any(-1)
+                err2 = float(cupy.abs(out.astype(np.float32) - ref).max())
+                ref2 = float(cupy.abs(ref_out.astype(np.float32) - ref).max())
+                where = [tuple(int(x[0]) for x in cupy.nonzero(bad))] if int(bad.sum()) else []
+                print(f"MISMATCH {D} {LQ}/{LK} causal={causal} {name}: max |diff| {err:.3g} to {variants[0][0]}"
+                      f" ({int(bad.sum())} rows, first {where}); after a sync {err2:.3g}, ref re-read {ref2:.3g};"
+                      f" out at 0x{out.data.ptr:x}, ref out at 0x{ref_out.data.ptr:x}", flush=True)
+                del fns[name]
+            del out, got
+        del ref_out
         if torch:
             tq, tk, tv = (torch.from_dlpack(a) for a in (q, k, v))
             def cud(tq=tq, tk=tk, tv=tv, causal=causal):
