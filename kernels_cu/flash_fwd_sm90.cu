@@ -46,16 +46,6 @@
 // (one block per tile) is faster still, and the host picks it there (_flash_sm90.grid_kind).
 #include "hopper.cuh"
 
-// Epilogue variant (compile time; tools/ab_sm90.py times one against the other from a sed copy):
-//   1: each consumer warpgroup writes O / l as T into its own Q part in shared memory (the 128B
-//      swizzle layout of the Q map, stmatrix) and one thread stores those 64 rows with TMA through
-//      tm_o; the Q part goes back to the producer once the store has read it;
-//   0: O / l straight from registers to global memory (4-byte stores; tm_o is unused) and the Q
-//      part goes back right after the last wgmma.
-#ifndef CUPYATTN_TMA_STORE_EPILOGUE
-#define CUPYATTN_TMA_STORE_EPILOGUE 1
-#endif
-
 namespace sm90 {
 
 // The block's shape for CONSUMERS consumer warpgroups (2 or 3) of 64 query rows each, plus the
@@ -154,10 +144,11 @@ __device__ __forceinline__ void rescale(float (&o)[D / 2], float corr_lo, float 
 //  * Softmax: scores stay raw; the row max is taken on raw scores (of -s for a negative scale) and
 //    exp2(s * scale_log2 - max) is one FFMA + one MUFU per element; masked tiles take the
 //    prescaled path. O is rescaled only when some row of the warp changed its max.
-//  * Epilogue (CUPYATTN_TMA_STORE_EPILOGUE 0): O / l straight from registers to global memory (no
-//    shared staging, so the Q buffer is released at the end of the key loop and the next tile's Q
-//    load overlaps the epilogue). With 1 (epilogue_tma_store): O / l is staged in the warpgroup's
-//    own Q part and written by a TMA store; the Q part is released once the store has read it.
+//  * Epilogue (epilogue_tma_store): O / l is staged in the warpgroup's own Q part and written by a
+//    TMA store; the Q part goes back to the producer once the store has read it. Against 4-byte
+//    stores straight from registers (which wasted half of every 32-byte sector), H200: D=256 +3-5%
+//    at L=4k and 16k, D=128 4k causal +2%, the rest within noise (bench/NOTES.md). A staging
+//    buffer of its own (so that Q goes back at once) did no better at 4k and lost 7-13% at 1k.
 
 template <int BN>
 __device__ __forceinline__ void softmax_fast(float (&sc)[BN / 2], bool need_mask, int key0, int Lk, int causal,
@@ -327,7 +318,6 @@ __device__ __forceinline__ TileInfo decode_tile(int tile, int Lq, int Lk, int Hq
     return t;
 }
 
-#if CUPYATTN_TMA_STORE_EPILOGUE
 // threadIdx.x read afresh (a volatile asm is never merged with an earlier read): the consumers of
 // D=128, BN=176 have no register to keep their thread index across the key loop (ptxas spilled it).
 __device__ __forceinline__ int fresh_tid_x() {
@@ -399,7 +389,6 @@ __device__ __forceinline__ void epilogue_tma_store(const float (&o)[D / 2], floa
     if (t4 == 0 && r_lo < Lq) lse_out[row_base + r_lo] = l_lo > 0.f ? (m_lo + cupyattn::fast_log2(l_lo)) * kLn2 : -INFINITY;
     if (t4 == 0 && r_hi < Lq) lse_out[row_base + r_hi] = l_hi > 0.f ? (m_hi + cupyattn::fast_log2(l_hi)) * kLn2 : -INFINITY;
 }
-#endif
 
 template <typename T, int D, int BN, int STAGES, int CONSUMERS>
 __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& tm_k, const TmaMap& tm_v,
@@ -519,9 +508,7 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
         // tensor-core turns, round robin: wait on my_bar, issue, arrive on the next one's
         const int my_bar = 3 + w, next_bar = C == 2 ? 4 - w : (w + 1 == C ? 3 : 4 + w);
         if (w == 0) named_bar_arrive(3, 256);   // warpgroup 0 issues first
-#if CUPYATTN_TMA_STORE_EPILOGUE
         if (tw == 0) tma_prefetch_map(&tm_o);
-#endif
 
         RingPos pos;
         unsigned queued = 0;
@@ -532,7 +519,7 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
             const TileInfo t = decode_tile<BN, R::kBlockM>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
             const int n_tiles = t.n_tiles;
             const int wrow0 = t.row0 + w * 64;
-            const int r_lo = wrow0 + warp * 16 + g, r_hi = r_lo + 8;
+            const int r_lo = wrow0 + warp * 16 + g;
             // does key tile it (visited from the last) need the Lk / causal mask for this warpgroup?
             auto needs_mask = [&](int key0) {
                 const long long last_col = static_cast<long long>(key0) + BN - 1;
@@ -605,40 +592,12 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                 fence_regs(o);
                 mbar_arrive(bar_empty_v(prev.stage));
             }
-#if CUPYATTN_TMA_STORE_EPILOGUE
             // Q part w is released inside, once the TMA store has read it. Named barriers 3 + C + w:
             // 0 is __syncthreads, 3 .. 2 + C the tensor-core turns.
-            (void)r_hi;
             epilogue_tma_store<T, D>(o, l_lo, l_hi, m_lo, m_hi, t.bh, r_lo, Lq, Hq, nb1, lse_out, sQw, &tm_o,
                                      3 + C + w, bar_q_empty(w));
-#else
-            mbar_arrive(bar_q_empty(w));   // every wgmma reading this Q part has completed
-
-            // ---- epilogue: normalise and store straight from registers ----------------------------
-            l_lo = quad_sum(l_lo);
-            l_hi = quad_sum(l_hi);
-            const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f;
-            const float inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
-            const long long row_base = static_cast<long long>(t.bh) * Lq;
-            if (r_lo < Lq) {
-                T* dst = out + (row_base + r_lo) * D + 2 * t4;
-#pragma unroll
-                for (int j = 0; j < D / 8; ++j)
-                    *reinterpret_cast<unsigned*>(dst + 8 * j) = pack2<T>(o[4 * j + 0] * inv_lo, o[4 * j + 1] * inv_lo);
-                if (t4 == 0) lse_out[row_base + r_lo] = l_lo > 0.f ? (m_lo + cupyattn::fast_log2(l_lo)) * kLn2 : -INFINITY;
-            }
-            if (r_hi < Lq) {
-                T* dst = out + (row_base + r_hi) * D + 2 * t4;
-#pragma unroll
-                for (int j = 0; j < D / 8; ++j)
-                    *reinterpret_cast<unsigned*>(dst + 8 * j) = pack2<T>(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
-                if (t4 == 0) lse_out[row_base + r_hi] = l_hi > 0.f ? (m_hi + cupyattn::fast_log2(l_hi)) * kLn2 : -INFINITY;
-            }
-#endif
         }
-#if CUPYATTN_TMA_STORE_EPILOGUE
         if ((fresh_tid_x() & 127) == 0) bulk_wait_group<0>();   // its TMA stores have reached global memory
-#endif
         if (w == 0) named_bar_sync(3, 256);   // takes warpgroup C-1's last arrival: every barrier balanced
     }
 }
@@ -654,7 +613,8 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
 // 0) has extent 1 in the map and its coordinate forced to 0 by `bcast` (bits 0-2: q's H, B1, B0;
 // 3-5: k's; 6-8: v's). out is contiguous (B0, B1, Hq, Lq, D); lse (B0, B1, Hq, Lq) float32.
 // tm_o (last, so that tools/ab_sm90.py can pass it to sources from before it) maps out the same
-// way, never broadcast, with a 64 x 64 box; the epilogue of CUPYATTN_TMA_STORE_EPILOGUE 0 ignores it.
+// way, never broadcast, with a 64 x 64 box; the epilogue writes O through it, so `out` itself is
+// not read here (it stays in its place in the argument list, which older sources take).
 template <typename T, int D, int BN, int STAGES, int CONSUMERS = 2>
 __global__ void __launch_bounds__(sm90::Roles<CONSUMERS>::kThreads, 1)
 flash_fwd_sm90_kernel(const __grid_constant__ sm90::TmaMap tm_q, const __grid_constant__ sm90::TmaMap tm_k,
