@@ -744,9 +744,10 @@ def merge(args):
         for r in data["rows"]:
             key = (r["group"], r["op"], r["dtype"], r["batch"], r["hq"], r["hkv"], r["lq"], r["lk"], r["d"],
                    r["causal"], r["backend"])
-            rows[key] = dict(r, commit=data["meta"].get("commit"))   # a later file wins
+            # a later file wins; a row of a merged file keeps the commit it came from
+            rows[key] = dict(r, commit=r.get("commit") or data["meta"].get("commit"))
     meta = dict(metas[0], merged_from=[Path(p).name for p in args.merge],
-                commits=sorted({m.get("commit") for m in metas}))
+                commits=sorted({r["commit"] for r in rows.values() if r.get("commit")}))
     out = Path(args.out) if args.out else Path(args.merge[0]).with_name(Path(args.merge[0]).stem + "_merged.json")
     finish(list(rows.values()), meta, out, not args.no_plots)
     return 0
