@@ -503,11 +503,12 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
         const int tw = ct & 127;
         const int warp = tw >> 5, lane = tw & 31;
         const int g = lane >> 2, t4 = lane & 3;
-        // Through a shuffle from lane 0 so that the compiler knows it is warp-uniform: then every
-        // wgmma descriptor of the key loop lives in uniform registers (sm_90a SASS: no R2UR in the
-        // loop; with sQ + w * kQPart, w from threadIdx, two R2UR before each S wgmma, 80 in the
-        // D=128 kernel against 47)
-        const unsigned sQw = __shfl_sync(0xffffffffu, sQ + w * P::kQPart, 0);
+        // At D <= 128 through a shuffle from lane 0, so that the compiler knows it is warp-uniform:
+        // then every wgmma descriptor of the key loop lives in uniform registers (sm_90a SASS: no
+        // R2UR in the loop, against two before each S wgmma; H200: D=128 L=16k 176x2 +2-3%). At
+        // D=256 the same change measured 4% slower at L=16k, so it keeps the plain sum there.
+        const unsigned sQw_sum = sQ + w * P::kQPart;
+        const unsigned sQw = D <= 128 ? __shfl_sync(0xffffffffu, sQw_sum, 0) : sQw_sum;
         const int diag = Lk - Lq;               // key j visible to row i iff j - i <= diag (causal)
         // tensor-core turns, round robin: wait on my_bar, issue, arrive on the next one's
         const int my_bar = 3 + w, next_bar = C == 2 ? 4 - w : (w + 1 == C ? 3 : 4 + w);
