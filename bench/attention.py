@@ -6,15 +6,23 @@
     python bench/attention.py --full             # + float32, GQA and the memory sweep
     python bench/attention.py --quick --dry-run  # list the rows without running them
 
+Each case first checks every backend (result, first-call time, peak memory), then times them
+in --rounds interleaved rounds (3 on a GPU): each round times every backend once, in turn, with
+its share of --budget, and a row's ms is the median of its rounds' medians. A GPU's clocks drift
+during a run; timed in turn, all backends of a case see the same drift and their ratios hold
+(timed one after the other, the ratio to torch's cuDNN moved by up to ±5% between runs on an H200).
+
 On a machine without a usable CUDA GPU it runs the NumPy path on small sizes, labelled
 "CPU (NumPy)". See bench/README.md for what each column means.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -390,65 +398,93 @@ class Runner:
             sets = None
             C.free_memory(self.cupy, self.torch)
             return rows
+        # Phase 1, backend after backend: check the result, first-call time, peak memory. What
+        # passes keeps its calls for the timed rounds.
+        ready = []
         for name in impls:
             row = dict(base, backend=name, impl=self._impl_of(name), n_sets=len(sets), status="ok", note="")
             try:
-                self._measure(case, name, sets, ref, row)
+                timer = self._measure(case, name, sets, ref, row)
             except Exception as e:  # noqa: BLE001 - a failing backend must not end the sweep
-                if C.is_oom(e):
-                    row.update(status="OOM", note="out of memory")
-                elif isinstance(e, getattr(self.cupyattn, "BackendUnavailable", ())):
-                    row.update(status="unavailable", note=C.first_line(e, 300))
-                else:
-                    row.update(status="error", note=f"{type(e).__name__}: {C.first_line(e)}")
+                timer = None
+                self._mark_failed(row, e)
             rows.append(row)
             C.free_memory(self.cupy, self.torch, collect=row["status"] != "ok")
-            progress.update(f"{case.label()} {name}")
-        del sets
+            if timer is None:
+                progress.update(f"{case.label()} {name}")
+            else:
+                ready.append(timer)
+        # Phase 2: the rounds. Each round times every backend once, in turn, so a drift of the GPU's
+        # clocks over the case shifts all backends alike and their ratios hold.
+        n_rounds = self.args.rounds
+        for i in range(n_rounds):
+            for timer in ready:
+                row = timer.row
+                if row["status"] != "ok":
+                    continue
+                try:
+                    timer.time_round(self.args.budget / n_rounds)
+                except Exception as e:  # noqa: BLE001 - a failing round must not end the sweep
+                    self._mark_failed(row, e)
+                    progress.update(f"{case.label()} {row['backend']}")
+                # one backend's cached blocks must not crowd the next one out of memory
+                C.free_memory(self.cupy, self.torch, collect=row["status"] != "ok")
+                if i == n_rounds - 1 and row["status"] == "ok":
+                    timer.finish()
+                    progress.update(f"{case.label()} {row['backend']}")
+        del ready, sets
         C.free_memory(self.cupy, self.torch)
         _add_ratios(rows)
         return rows
+
+    def _mark_failed(self, row, e):
+        if C.is_oom(e):
+            row.update(status="OOM", note="out of memory")
+        elif isinstance(e, getattr(self.cupyattn, "BackendUnavailable", ())):
+            row.update(status="unavailable", note=C.first_line(e, 300))
+        else:
+            row.update(status="error", note=f"{type(e).__name__}: {C.first_line(e)}")
 
     def _impl_of(self, name):
         return "torch" if name in TORCH_BACKENDS else OURS_LABEL
 
     def _measure(self, case, name, sets, ref, row):
+        """Phase 1 of one backend: a Timer for its rounds, or None (the row says why it cannot run)."""
         if name in TORCH_BACKENDS:
-            self._measure_torch(case, name, sets, ref, row)
-        else:
-            why = ours_reasons(self.cupyattn, case, name, sets[0])
-            if why:
-                row.update(status="unavailable", note="; ".join(why))
-                return
-            self._measure_calls(case, ours_calls(self.cupyattn, case, name, sets), self.lib, ref, row)
+            return self._measure_torch(case, name, sets, ref, row)
+        why = ours_reasons(self.cupyattn, case, name, sets[0])
+        if why:
+            row.update(status="unavailable", note="; ".join(why))
+            return None
+        return self._measure_calls(case, ours_calls(self.cupyattn, case, name, sets), self.lib, ref, row)
 
     def _measure_torch(self, case, name, sets, ref, row):
-        torch = self.torch
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention import SDPBackend
         member = getattr(SDPBackend, TORCH_BACKENDS[name], None)
         if member is None:
             row.update(status="unavailable", note=f"this torch has no SDPBackend.{TORCH_BACKENDS[name]}")
-            return
-        calls = torch_calls(torch, case, sets)
-        with sdpa_kernel([member]):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    self._measure_calls(case, calls, "torch", ref, row)
-                except RuntimeError as e:
-                    if C.is_oom(e):
-                        raise
-                    reasons = _torch_reasons(caught)
-                    msg = str(e).lower()
-                    if "no available kernel" in msg or "no viable backend" in msg or reasons:
-                        row.update(status="unavailable", note="; ".join(reasons) or C.first_line(e))
-                        return
+            return None
+        calls = torch_calls(self.torch, case, sets)
+        with _forced_sdpa(member) as caught:
+            try:
+                timer = self._measure_calls(case, calls, "torch", ref, row)
+            except RuntimeError as e:
+                if C.is_oom(e):
                     raise
-                except TypeError as e:      # enable_gqa on a torch older than 2.5
-                    if "enable_gqa" not in str(e):
-                        raise
-                    row.update(status="unavailable", note=f"this torch has no enable_gqa: {C.first_line(e)}")
-                    return
+                reasons = _torch_reasons(caught)
+                msg = str(e).lower()
+                if "no available kernel" in msg or "no viable backend" in msg or reasons:
+                    row.update(status="unavailable", note="; ".join(reasons) or C.first_line(e))
+                    return None
+                raise
+            except TypeError as e:      # enable_gqa on a torch older than 2.5
+                if "enable_gqa" not in str(e):
+                    raise
+                row.update(status="unavailable", note=f"this torch has no enable_gqa: {C.first_line(e)}")
+                return None
+        # the timed calls must run under the same forced backend as the checked ones
+        timer.context = lambda: _forced_sdpa(member)
+        return timer
 
     def _measure_calls(self, case, calls, lib, ref, row):
         fwdbwd = case.op == "fwdbwd"
@@ -480,15 +516,53 @@ class Runner:
         out_bytes = sum(_nbytes(a) for a in res.values())
         del res
         row.update(peak_extra_bytes=peak, out_bytes=out_bytes, workspace_bytes=max(0, peak - out_bytes))
-        # 3. timing
-        reps = self.args.reps or (10 if fwdbwd else 20)
-        timing = C.time_calls(calls, lib, reps=reps, warmup=self.args.warmup, budget_s=self.args.budget,
-                              first_ms=second_ms)
-        row.update(timing)
-        row["tflops"] = case.flops / (timing["ms"] * 1e-3) / 1e12
-        row["kv_gbps"] = case.kv_bytes / (timing["ms"] * 1e-3) / 1e9
         if notes:
             row["note"] = "; ".join(notes)
+        # 3. timing: later, in the case's rounds
+        return Timer(case, row, calls, lib, reps=self.args.reps or (10 if fwdbwd else 20),
+                     rounds=self.args.rounds, warmup=self.args.warmup, est_ms=second_ms)
+
+
+class Timer:
+    """The timed rounds of one backend in one case; its row gets the figures of all rounds together."""
+
+    def __init__(self, case, row, calls, lib, *, reps, rounds, warmup, est_ms):
+        self.case, self.row, self.calls, self.lib, self.warmup = case, row, calls, lib, warmup
+        # the repeats of a row are shared out over its rounds, so R rounds cost about what one did;
+        # its minimum of 3 too, so a slow call still gets at least 3 timed repeats in all
+        self.min_reps = math.ceil(3 / rounds)
+        self.reps = max(self.min_reps, math.ceil(reps / rounds))
+        self.est_ms = est_ms      # the latest time of one call: sizes the next round's repeats
+        self.context = contextlib.nullcontext
+        self.results = []
+
+    def time_round(self, budget_s):
+        with self.context():
+            t = C.time_calls(self.calls, self.lib, reps=self.reps, min_reps=self.min_reps, warmup=self.warmup,
+                             budget_s=budget_s, first_ms=self.est_ms)
+        self.results.append(t)
+        self.est_ms = t["ms"]
+
+    def finish(self):
+        """ms: the median of the rounds' medians (a round disturbed by a clock change moves it least)."""
+        res = self.results
+        reps = sum(t["reps"] for t in res)
+        ms = float(np.median([t["ms"] for t in res]))
+        self.row.update(ms=ms, mean_ms=sum(t["mean_ms"] * t["reps"] for t in res) / reps,
+                        min_ms=min(t["min_ms"] for t in res), reps=reps, rounds=len(res),
+                        round_ms=[t["ms"] for t in res])
+        self.row["tflops"] = self.case.flops / (ms * 1e-3) / 1e12
+        self.row["kv_gbps"] = self.case.kv_bytes / (ms * 1e-3) / 1e9
+        self.calls = None
+
+
+@contextlib.contextmanager
+def _forced_sdpa(member):
+    """torch's SDPA forced to one backend; its warnings are recorded (they say why it cannot run)."""
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel([member]), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
 
 
 def _torch_reasons(caught):
@@ -565,11 +639,23 @@ def print_tables(rows, meta, file=sys.stdout):
         print(f"merged from runs at commits {', '.join(map(str, meta.get('commits', [])))}: "
               f"{', '.join(meta['merged_from'])}", file=file)
     else:
-        print(f"commit {meta.get('commit')}  date {meta.get('date')}", file=file)
+        print(f"commit {meta.get('commit')}  date {meta.get('date')}  {_timing_text(meta)}".rstrip(), file=file)
     print(file=file)
     print(C.format_table(headers, [row_cells(r, torch_cols, gbps) for r in rows], right), file=file)
     print(file=file)
     print_summary(rows, file)
+
+
+def _timing_text(meta):
+    """How the rows were timed, from a run's meta (older runs lack some of it)."""
+    parts = []
+    if meta.get("budget_s") is not None:
+        parts.append(f"budget {meta['budget_s']:g} s/row")
+    if meta.get("rounds") is not None:
+        parts.append(f"in {meta['rounds']} interleaved rounds" if meta["rounds"] > 1 else "in 1 round")
+    if meta.get("warmup") is not None:
+        parts.append(f"warmup {meta['warmup']}")
+    return ", ".join(parts)
 
 
 def print_summary(rows, file=sys.stdout):
@@ -718,11 +804,19 @@ def parse_args(argv=None):
     p.add_argument("--op", help="fwd, fwdbwd or both (comma list)")
     p.add_argument("--group", help="comma list of row groups: headline,decode,memory,dtypes,gqa")
     p.add_argument("--no-torch", action="store_true", help="do not import torch (no PyTorch rows)")
-    p.add_argument("--reps", type=int, default=0, help="timed repeats (default 20 fwd / 10 fwdbwd, "
-                                                       "fewer when one call is slow: see --budget)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (besides the first call)")
+    p.add_argument("--reps", type=int, default=0, help="timed repeats per row, shared out over the rounds "
+                                                       "(default 20 fwd / 10 fwdbwd, fewer when one call is "
+                                                       "slow: see --budget)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed calls before each round's timing (besides the first call)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds of timed calls per row at most, min 3 repeats (default 0.3 quick, 1.0 otherwise)")
+                   help="seconds of timed calls per row at most, shared out over the rounds; min 3 repeats "
+                        "(default 0.3 quick, 1.0 otherwise)")
+    p.add_argument("--rounds", type=int, default=None, metavar="R",
+                   help="time the backends of a case in R interleaved rounds, each backend in turn with "
+                        "budget/R per round, so that clock drift hits them alike; ms = median of the "
+                        "rounds' medians (default 3 on a GPU, 1 on the CPU path; 1: each backend timed "
+                        "in one block)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="BLAS threads for the NumPy path and the float64 reference (default: the "
@@ -766,6 +860,11 @@ def main(argv=None):
         return 2
     if args.budget is None:               # seconds of timed calls per row
         args.budget = (0.3 if args.quick else 1.0) if plan_gpu else (0.15 if args.quick else 0.5)
+    if args.rounds is None:               # GPU clocks drift within a case; a CPU run is a smoke test
+        args.rounds = 3 if plan_gpu else 1
+    if args.rounds < 1:
+        print("--rounds must be at least 1", file=sys.stderr)
+        return 2
     if not plan_gpu:
         args.warmup = min(args.warmup, 1)  # NumPy has nothing to warm up beyond the first call
     if not plan_gpu:
@@ -791,6 +890,8 @@ def main(argv=None):
         print(f"{platform}, preset {preset}: {len(cases)} cases x {len(impls)} backends = "
               f"{len(cases) * len(impls)} rows; backends: {', '.join(impls)}"
               + ("" if torch is not None or not plan_gpu else f" (no torch rows: {why_no_torch})"))
+        timing = {"budget_s": args.budget, "rounds": args.rounds, "warmup": args.warmup}
+        print(f"timing: {_timing_text(timing)}")
         for c in cases:
             print(f"  {c.label():58s} {c.flops / 1e9:10.1f} GFLOP  inputs {c.input_bytes / 2**20:8.1f} MiB")
         return 0
@@ -800,7 +901,7 @@ def main(argv=None):
     xp = cupy if cupy is not None else np
     meta = C.environment(cupy, torch)
     meta.update(preset=preset, backends=impls, blas_threads=os.environ.get("OPENBLAS_NUM_THREADS"),
-                budget_s=args.budget, warmup=args.warmup, seed=args.seed,
+                budget_s=args.budget, rounds=args.rounds, warmup=args.warmup, seed=args.seed,
                 notes=["torch's is_causal is top-left aligned, ours bottom-right: identical in these rows "
                        "because every causal row has Lq == Lk (decode rows are non-causal)",
                        "flops: forward 4*B*Hq*Lq*Lk*D, halved for causal; fwdbwd counts 3.5x forward",
