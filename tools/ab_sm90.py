@@ -60,13 +60,13 @@ def parse_rows(text):
     return rows
 
 
-def row_variants(cfgs):
+def row_variants(cfgs, extra):
     """(name, source, grid, config, swizzle) of every variant timed on a row with configurations
-    `cfgs` (swizzle: SWIZZLE_WIDTH, None = the default rule)."""
+    `cfgs` (swizzle: SWIZZLE_WIDTH, None = the default rule), then the `extra` sources."""
     cur = [(f"cur/{g}" + (f"/{cfg_label(c)}" if len(cfgs) > 1 else "") + (f"/sw{w}" if w else ""),
             CURRENT_SOURCE, g, c, w)
            for g in GRIDS for c in cfgs for w in SWIZZLES]
-    return cur + [(name, src, grid, cfgs[0], None) for name, src, grid in EXTRA]
+    return cur + [(name, src, grid, cfgs[0], None) for name, src, grid in extra]
 
 
 # the source the package ships, read once: fn_for sets _flash_sm90.SOURCE on every call, so after a
@@ -79,16 +79,12 @@ UNCHECKED = set(filter(None, os.environ.get("AB_UNCHECKED", "").split(",")))
 # AB_SWIZZLE="0,2,4": the current source also with these (batch, head) swizzle widths
 # (_flash_sm90.SWIZZLE_WIDTH; 0 = the default rule, half of L2)
 SWIZZLES = [int(w) or None for w in os.environ.get("AB_SWIZZLE", "0").split(",")]
-EXTRA = [_extra(a) for a in sys.argv[1:]]
 # (D, (Lq, Lk), [config]): the default tiles at 1k, 4k and 16k, then 4k queries against 16k keys
 # (a 4k row's tile count with a 16k row's keys per tile: does the 4k rows' loss come per tile?)
-ROWS = parse_rows("64:1024:128x4x3,128:1024:128x2,64:4096:128x4x3,128:4096:128x2,256:4096:64x2,"
-                  "64:16384:128x4x3,128:16384:176x2,256:16384:64x2,"
-                  "128:4096/16384:176x2,256:4096/16384:64x2")
-if os.environ.get("AB_ROWS"):     # e.g. AB_ROWS="128:4096:176x2,64:4096:128x4|128x4x3"
-    ROWS = parse_rows(os.environ["AB_ROWS"])
+DEFAULT_ROWS = ("64:1024:128x4x3,128:1024:128x2,64:4096:128x4x3,128:4096:128x2,256:4096:64x2,"
+                "64:16384:128x4x3,128:16384:176x2,256:16384:64x2,"
+                "128:4096/16384:176x2,256:4096/16384:64x2")
 ROUNDS = 7
-rng = cupy.random.default_rng(1)
 
 
 def time_ms(f, reps=8):
@@ -112,54 +108,62 @@ def fn_for(src, grid, p, cfg, swizzle=None):
     return f
 
 
-try:
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-except Exception:
-    torch = None
+def main():
+    extra = [_extra(a) for a in sys.argv[1:]]
+    rows = parse_rows(os.environ.get("AB_ROWS") or DEFAULT_ROWS)  # e.g. AB_ROWS="128:4096:176x2,64:4096:128x4|128x4x3"
+    rng = cupy.random.default_rng(1)
+    try:
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except Exception:
+        torch = None
 
-names = list(dict.fromkeys(v[0] for _, _, cfgs in ROWS for v in row_variants(cfgs))) + (["cudnn"] if torch else [])
-results = {}
-for D, (LQ, LK), cfgs in ROWS:
-    B, H = 16384 // LK, 2048 // D
-    q = rng.standard_normal((B, H, LQ, D), dtype=np.float32).astype(bf)
-    k, v = (rng.standard_normal((B, H, LK, D), dtype=np.float32).astype(bf) for _ in range(2))
-    variants = row_variants(cfgs)
-    for causal in ((False, True) if LQ == LK else (False,)):
-        p = normalize(q, k, v, causal=causal)
-        fns = {name: fn_for(src, grid, p, cfg, w) for name, src, grid, cfg, w in variants}
-        ref = fns[variants[0][0]]()[0].astype(np.float32)
-        for name, f in list(fns.items()):
-            diff = cupy.abs(f()[0].astype(np.float32) - ref)
-            err = float(diff.max())
-            if not (err < 0.02 or name in UNCHECKED):   # reported and left out: one bad variant costs no call
-                print(f"MISMATCH {D} {LQ}/{LK} causal={causal} {name}: max |diff| {err:.3g} to {variants[0][0]}"
-                      f" in {int((diff > 0.02).any(-1).sum())} rows", flush=True)
-                del fns[name]
-        if torch:
-            tq, tk, tv = (torch.from_dlpack(a) for a in (q, k, v))
-            def cud(tq=tq, tk=tk, tv=tv, causal=causal):
-                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                    F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
-            fns["cudnn"] = cud
-        for f in fns.values():
-            f(); f()
-        times = {n: [] for n in fns}
-        for _ in range(ROUNDS):
-            for n, f in fns.items():
-                times[n].append(time_ms(f))
-        flops = 4 * B * H * LQ * LK * D / (2 if causal else 1)
-        length = f"L{LQ}" if LQ == LK else f"L{LQ}/{LK}"
-        row = f"D{D} {length} {'|'.join(map(cfg_label, cfgs))} " + ("causal" if causal else "full")
-        results[row] = {n: flops / np.median(t) / 1e9 for n, t in times.items()}
-        print(row + " " + "  ".join(f"{n}={results[row][n]:.0f}" for n in fns), flush=True)
+    names = list(dict.fromkeys(v[0] for _, _, cfgs in rows for v in row_variants(cfgs, extra))) + (["cudnn"] if torch else [])
+    results = {}
+    for D, (LQ, LK), cfgs in rows:
+        B, H = 16384 // LK, 2048 // D
+        q = rng.standard_normal((B, H, LQ, D), dtype=np.float32).astype(bf)
+        k, v = (rng.standard_normal((B, H, LK, D), dtype=np.float32).astype(bf) for _ in range(2))
+        variants = row_variants(cfgs, extra)
+        for causal in ((False, True) if LQ == LK else (False,)):
+            p = normalize(q, k, v, causal=causal)
+            fns = {name: fn_for(src, grid, p, cfg, w) for name, src, grid, cfg, w in variants}
+            ref = fns[variants[0][0]]()[0].astype(np.float32)
+            for name, f in list(fns.items()):
+                diff = cupy.abs(f()[0].astype(np.float32) - ref)
+                err = float(diff.max())
+                if not (err < 0.02 or name in UNCHECKED):   # reported and left out: one bad variant costs no call
+                    print(f"MISMATCH {D} {LQ}/{LK} causal={causal} {name}: max |diff| {err:.3g} to {variants[0][0]}"
+                          f" in {int((diff > 0.02).any(-1).sum())} rows", flush=True)
+                    del fns[name]
+            if torch:
+                tq, tk, tv = (torch.from_dlpack(a) for a in (q, k, v))
+                def cud(tq=tq, tk=tk, tv=tv, causal=causal):
+                    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                        F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+                fns["cudnn"] = cud
+            for f in fns.values():
+                f(); f()
+            times = {n: [] for n in fns}
+            for _ in range(ROUNDS):
+                for n, f in fns.items():
+                    times[n].append(time_ms(f))
+            flops = 4 * B * H * LQ * LK * D / (2 if causal else 1)
+            length = f"L{LQ}" if LQ == LK else f"L{LQ}/{LK}"
+            row = f"D{D} {length} {'|'.join(map(cfg_label, cfgs))} " + ("causal" if causal else "full")
+            results[row] = {n: flops / np.median(t) / 1e9 for n, t in times.items()}
+            print(row + " " + "  ".join(f"{n}={results[row][n]:.0f}" for n in fns), flush=True)
 
-print("\nmedian TFLOP/s over", ROUNDS, "interleaved rounds; (ratio to cudnn)")
-width = max([26] + [len(row) + 1 for row in results])
-col = max([16] + [len(n) + 2 for n in names])
-print(f"{'row':{width}s}" + "".join(n.rjust(col) for n in names))
-for row, r in results.items():
-    c = r.get("cudnn")
-    print(f"{row:{width}s}" +
-          "".join(("-" if n not in r else f"{r[n]:.0f}" + (f" ({r[n] / c:.2f})" if c else "")).rjust(col) for n in names))
+    print("\nmedian TFLOP/s over", ROUNDS, "interleaved rounds; (ratio to cudnn)")
+    width = max([26] + [len(row) + 1 for row in results])
+    col = max([16] + [len(n) + 2 for n in names])
+    print(f"{'row':{width}s}" + "".join(n.rjust(col) for n in names))
+    for row, r in results.items():
+        c = r.get("cudnn")
+        print(f"{row:{width}s}" +
+              "".join(("-" if n not in r else f"{r[n]:.0f}" + (f" ({r[n] / c:.2f})" if c else "")).rjust(col) for n in names))
+
+
+if __name__ == "__main__":
+    main()

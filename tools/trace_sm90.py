@@ -26,6 +26,7 @@ sys.path.insert(0, ".")
 import cupyattn  # noqa: E402
 from cupyattn import _flash_sm90, _kernels  # noqa: E402
 from cupyattn._problem import normalize  # noqa: E402
+from ab_sm90 import parse_rows, time_ms  # noqa: E402  (tools/ is the script's own directory)
 
 BLOCKS, ROLES, TILES, EVENTS = 132, 8, 64, 8   # stamp array shape: block, role, tile, event
 # consumer events: 0 tile popped, 1 Q arrived, 2 first turn taken, 3 first S product done,
@@ -71,28 +72,13 @@ def write_traced_source():
     (_kernels.kernel_dir() / TRACE_SOURCE).write_text(src)
 
 
-def parse_rows(text):
-    rows = []
-    for r in text.split(","):
-        d, n, cfg = r.strip().split(":")
-        lq, _, lk = n.partition("/")
-        rows.append((int(d), int(lq), int(lk or lq), tuple(int(x) for x in cfg.split("x"))))
-    return rows
-
-
-def launch_ms(source, p, cfg, reps=10):
+def launch_ms(source, p, cfg):
     """Milliseconds of one forward with kernel source `source` (left set as the module's SOURCE)."""
     _flash_sm90.SOURCE = source
     _flash_sm90.spec_for.cache_clear()
     for _ in range(3):
         _flash_sm90.forward(p, config=cfg)
-    s, e = cupy.cuda.Event(), cupy.cuda.Event()
-    s.record()
-    for _ in range(reps):
-        _flash_sm90.forward(p, config=cfg)
-    e.record()
-    e.synchronize()
-    return cupy.cuda.get_elapsed_time(s, e) / reps
+    return time_ms(lambda: _flash_sm90.forward(p, config=cfg), reps=10)
 
 
 def main():
@@ -108,9 +94,10 @@ def main():
     _kernels._function.cache_clear()
     bf = np.dtype(cupyattn.bfloat16)
     rng = cupy.random.default_rng(3)
+    # AB_ROWS' format (tools/ab_sm90.py); the first configuration of each row is traced
     rows = parse_rows(os.environ.get("TRACE_ROWS", "128:4096:128x2,128:16384:128x2,256:4096:64x2"))
     plain_source = _flash_sm90.SOURCE
-    for D, LQ, LK, cfg in rows:
+    for D, (LQ, LK), (cfg, *_) in rows:
         B, H = max(1, 16384 // LK), 2048 // D
         q = rng.standard_normal((B, H, LQ, D), dtype=np.float32).astype(bf)
         k, v = (rng.standard_normal((B, H, LK, D), dtype=np.float32).astype(bf) for _ in range(2))
