@@ -907,9 +907,13 @@ def test_batch_fold_matches_per_batch(monkeypatch, causal):
     monkeypatch.setattr(_chunked, "fold_batch", lambda *a: None)
     out1, lse1 = _chunked.chunked_forward(problem, budget)
     grads1 = _chunked.chunked_backward(problem, dout, out1, lse1, budget)
+    # the same float32 arithmetic, batched differently, so summed in another order: a few float32
+    # ulps per accumulated term, relative to each array's scale (-inf lse rows must match exactly)
+    eps = np.finfo(np.float32).eps
     for a, b in zip((out, lse) + tuple(grads), (out1, lse1) + tuple(grads1)):
         assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        scale = np.abs(b[np.isfinite(b)]).max()
+        np.testing.assert_allclose(a, b, rtol=64 * eps, atol=64 * eps * scale)
 
 
 def test_tensor_addresses_match_views():
