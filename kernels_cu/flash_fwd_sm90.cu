@@ -248,14 +248,17 @@ struct TileQueue {
         ++n;
     }
     // a reader: the next entry; the slot is handed back by one arrival per reader (a lone thread,
-    // or lane 0 of a whole warp once every lane has read it). A whole warp gets the value through
-    // a shuffle from lane 0: the compiler then knows it is warp-uniform and keeps the tile's
-    // loop bounds and shared-memory addresses in uniform registers, as wgmma descriptors need
-    // (read straight from shared memory, each wgmma paid an R2UR: ~6% slower, H100).
+    // or lane 0 of a whole warp). A whole warp gets the value through a shuffle from lane 0: the
+    // compiler then knows it is warp-uniform and keeps the tile's loop bounds and shared-memory
+    // addresses in uniform registers, as wgmma descriptors need (read straight from shared
+    // memory, each wgmma paid an R2UR: ~6% slower, H100). Only lane 0 reads the slot: a read by
+    // a lane that does not arrive is, to compute-sanitizer's racecheck, unordered with the
+    // producer's next store to the slot (harmless, its value was dropped, but reported).
     __device__ int pop(unsigned& n, bool whole_warp) const {
         mbar_wait(full(n), parity(n));
-        int tile;
-        asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(tile) : "r"(slot(n)) : "memory");
+        int tile = 0;
+        if (!whole_warp || (threadIdx.x & 31) == 0)
+            asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(tile) : "r"(slot(n)) : "memory");
         if (whole_warp) {
             tile = __shfl_sync(0xffffffffu, tile, 0);
             if ((threadIdx.x & 31) == 0) mbar_arrive(empty(n));

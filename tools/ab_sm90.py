@@ -5,8 +5,9 @@ times every variant (and torch's cuDNN) on a row, so clock drift on the card hit
     PYTHONPATH=. python3 tools/ab_sm90.py ab_old.cu:static                  # on the device
 
 (kernels_cu/ab_*.cu is git-ignored: name the file in the device call's carry.) AB_ROWS in the
-environment replaces the rows: "D:L:CFG,...", where L is a length or LQ/LK (queries / keys, timed
-full only) and CFG is BNxSTAGES (two consumer warpgroups) or BNxSTAGESxCONSUMERS, or several of
+environment replaces the rows: "D:L:CFG[:H],...", where L is a length or LQ/LK (queries / keys,
+timed full only), H the number of heads (default 2048 / D; e.g. 33 instead of 16 gives a tile count
+that is a whole number of waves on 132 SMs) and CFG is BNxSTAGES (two consumer warpgroups) or BNxSTAGESxCONSUMERS, or several of
 them separated by "|" to time those configurations of the current source against each other in
 the same rounds, e.g.
     AB_ROWS="64:4096:128x4|128x4x3,64:16384:192x3|128x4x3"
@@ -22,7 +23,7 @@ a source older than the dynamic scheduler has only the static and per-tile grids
 first configuration (a source from before the consumer-count parameter has two consumers only).
 Each variant's output is checked against the first's before timing; one that differs is reported
 (MISMATCH) and left out of that row's timing. Prints TFLOP/s (bf16,
-B*L = 16k tokens, H*D = 2048) and the ratio to cuDNN."""
+B*L = 16k tokens, H*D = 2048 unless the row names H) and the ratio to cuDNN."""
 import os
 import sys
 
@@ -49,14 +50,16 @@ def cfg_label(cfg):
 
 
 def parse_rows(text):
-    """'D:L:CFG[|CFG...],...' -> [(D, (Lq, Lk), [(BN, STAGES, CONSUMERS), ...])]; L is one length
-    or LQ/LK (queries / keys, timed without the causal mask: torch's is_causal aligns top-left)."""
+    """'D:L:CFG[|CFG...][:H],...' -> [(D, (Lq, Lk), [(BN, STAGES, CONSUMERS), ...], H)]; L is one
+    length or LQ/LK (queries / keys, timed without the causal mask: torch's is_causal aligns
+    top-left); H, the number of heads, defaults to 2048 / D."""
     rows = []
     for r in text.split(","):
-        d, n, cfgs = r.strip().split(":")
+        d, n, cfgs, *heads = r.strip().split(":")
         lq, _, lk = n.partition("/")
         rows.append((int(d), (int(lq), int(lk or lq)),
-                     [_flash_sm90.full_config(int(x) for x in c.split("x")) for c in cfgs.split("|")]))
+                     [_flash_sm90.full_config(int(x) for x in c.split("x")) for c in cfgs.split("|")],
+                     int(heads[0]) if heads else 2048 // int(d)))
     return rows
 
 
@@ -119,10 +122,10 @@ def main():
     except Exception:
         torch = None
 
-    names = list(dict.fromkeys(v[0] for _, _, cfgs in rows for v in row_variants(cfgs, extra))) + (["cudnn"] if torch else [])
+    names = list(dict.fromkeys(v[0] for _, _, cfgs, _ in rows for v in row_variants(cfgs, extra))) + (["cudnn"] if torch else [])
     results = {}
-    for D, (LQ, LK), cfgs in rows:
-        B, H = 16384 // LK, 2048 // D
+    for D, (LQ, LK), cfgs, H in rows:
+        B = 16384 // LK
         q = rng.standard_normal((B, H, LQ, D), dtype=np.float32).astype(bf)
         k, v = (rng.standard_normal((B, H, LK, D), dtype=np.float32).astype(bf) for _ in range(2))
         variants = row_variants(cfgs, extra)
@@ -151,7 +154,8 @@ def main():
                     times[n].append(time_ms(f))
             flops = 4 * B * H * LQ * LK * D / (2 if causal else 1)
             length = f"L{LQ}" if LQ == LK else f"L{LQ}/{LK}"
-            row = f"D{D} {length} {'|'.join(map(cfg_label, cfgs))} " + ("causal" if causal else "full")
+            heads = "" if H == 2048 // D else f" H{H}"
+            row = f"D{D} {length}{heads} {'|'.join(map(cfg_label, cfgs))} " + ("causal" if causal else "full")
             results[row] = {n: flops / np.median(t) / 1e9 for n, t in times.items()}
             print(row + " " + "  ".join(f"{n}={results[row][n]:.0f}" for n in fns), flush=True)
 

@@ -97,8 +97,8 @@ def main():
     # AB_ROWS' format (tools/ab_sm90.py); the first configuration of each row is traced
     rows = parse_rows(os.environ.get("TRACE_ROWS", "128:4096:128x2,128:16384:128x2,256:4096:64x2"))
     plain_source = _flash_sm90.SOURCE
-    for D, (LQ, LK), (cfg, *_) in rows:
-        B, H = max(1, 16384 // LK), 2048 // D
+    for D, (LQ, LK), (cfg, *_), H in rows:
+        B = max(1, 16384 // LK)
         q = rng.standard_normal((B, H, LQ, D), dtype=np.float32).astype(bf)
         k, v = (rng.standard_normal((B, H, LK, D), dtype=np.float32).astype(bf) for _ in range(2))
         p = normalize(q, k, v)
