@@ -170,7 +170,18 @@ def smem_bytes(head_dim: int, config=None) -> int:
     q = 64 * consumers * head_dim * 2
     kv = bn * head_dim * 2
     bars = 2 * consumers + 4 * stages      # Q full/empty per consumer; K, V full/empty per stage
-    return q + 2 * stages * kv + 8 * bars + 80 + 1024     # 80: the tile queue
+    fixed = 8 * bars + 80 + 1024           # 80: the tile queue; 1024: aligning the base
+    return q + 2 * stages * kv + fixed + (q if defers_tile_end(head_dim, config) else 0)
+
+
+def defers_tile_end(head_dim: int, config=None) -> bool:
+    """Whether the kernel stages O in a buffer of its own and defers each tile's last PV product
+    and epilogue into the next tile's first turn (sm90::Plan::kDeferEnd): two consumers, where
+    the second Q-sized buffer fits in 227 KB."""
+    bn, stages, consumers = full_config(config or CONFIGS[head_dim])
+    q = 64 * consumers * head_dim * 2
+    fixed = 8 * (2 * consumers + 4 * stages) + 80 + 1024
+    return consumers == 2 and 2 * q + 2 * stages * bn * head_dim * 2 + fixed <= _SMEM_LIMIT
 
 
 assert all(smem_bytes(d, c) <= _SMEM_LIMIT for d in HEAD_DIMS for c in instantiated_configs(d))

@@ -75,13 +75,19 @@ struct Plan {
     static constexpr unsigned kQPart = 64u * D * 2;             // one consumer's 64 Q rows
     static constexpr unsigned kQ = CONSUMERS * kQPart;
     static constexpr unsigned kKV = unsigned(BN) * D * 2;       // one stage of K (or of V)
-    static constexpr unsigned kOffK = kQ;
-    static constexpr unsigned kOffV = kOffK + STAGES * kKV;
-    static constexpr unsigned kOffBar = kOffV + STAGES * kKV;
     // Q full/empty per consumer; K, V full/empty per stage
     static constexpr unsigned kBars = 2 * CONSUMERS + 4 * STAGES;
-    static constexpr unsigned kOffQueue = kOffBar + 8 * kBars;       // TileQueue: 4 x (full, empty, int)
-    static constexpr unsigned kBytes = kOffQueue + 80 + 1024;        // + slack for aligning the base
+    // the tile queue (TileQueue: 4 x (full, empty, int)) and slack for aligning the base
+    static constexpr unsigned kFixed = 8 * kBars + 80 + 1024;
+    // With two consumers, where 227 KB allow, O is staged in a buffer of its own (one 64-row part
+    // per consumer, like Q) and a tile's end is deferred into the next tile's first turn (see the top).
+    static constexpr bool kDeferEnd = CONSUMERS == 2 && 2 * kQ + 2 * STAGES * kKV + kFixed <= 227u * 1024u;
+    static constexpr unsigned kOffK = kQ;
+    static constexpr unsigned kOffV = kOffK + STAGES * kKV;
+    static constexpr unsigned kOffO = kOffV + STAGES * kKV;       // 1024-aligned, as the swizzle needs
+    static constexpr unsigned kOffBar = kOffO + (kDeferEnd ? kQ : 0u);
+    static constexpr unsigned kOffQueue = kOffBar + 8 * kBars;
+    static constexpr unsigned kBytes = kOffBar + kFixed;
 };
 
 // ---- consumer building blocks (one warpgroup, 64 query rows) ----------------------------------
@@ -147,8 +153,16 @@ __device__ __forceinline__ void rescale(float (&o)[D / 2], float corr_lo, float 
 //  * Epilogue (epilogue_tma_store): O / l is staged in the warpgroup's own Q part and written by a
 //    TMA store; the Q part goes back to the producer once the store has read it. Against 4-byte
 //    stores straight from registers (which wasted half of every 32-byte sector), H200: D=256 +3-5%
-//    at L=4k and 16k, D=128 4k causal +2%, the rest within noise (bench/NOTES.md). A staging
-//    buffer of its own (so that Q goes back at once) did no better at 4k and lost 7-13% at 1k.
+//    at L=4k and 16k, D=128 4k causal +2%, the rest within noise (bench/NOTES.md).
+//  * Deferred tile end (Plan::kDeferEnd: two consumers, where a Q-sized O staging buffer fits in
+//    227 KB: D=64 at 128x4, D=128 at 128x2): Q part w goes back after the tile's last S product;
+//    the tile's last PV product waits and is issued in the next tile's first turn, beside its
+//    first S product (a stand-in product on the K stage, result dropped, where none waits: a
+//    wgmma under a runtime branch makes ptxas serialise them all, C7520), and its epilogue
+//    follows that turn's softmax, staged in the O buffer. A tile with no key, and the block's
+//    last tile, flush it. So the tensor cores get the next tile's first product while a tile
+//    ends. H200, interleaved A/B against the plain end: L=1k D=128 +4% full / +6% causal, D=64
+//    causal +9%; L=2k D=64 causal +5%; L=4k D=128 within 1-2% either way (bench/NOTES.md).
 
 template <int BN>
 __device__ __forceinline__ void softmax_fast(float (&sc)[BN / 2], bool need_mask, int key0, int Lk, int causal,
@@ -349,10 +363,10 @@ __device__ __forceinline__ int fresh_tid_x() {
 //     still be in flight; thread 0 waits for them (bulk_wait_group<0>) before the block exits.
 //  lse: a plain global store per row, as before. The named barrier waits for the slowest warp of
 //  the warpgroup once per tile; thread 0's warp waits for the store's read (64 x D x 2 bytes).
-template <typename T, int D>
+template <typename T, int D, bool kOwnStaging>
 __device__ __forceinline__ void epilogue_tma_store(const float (&o)[D / 2], float l_lo, float l_hi, float m_lo,
                                                    float m_hi, int bh, int r_lo, int Lq, int Hq, int nb1,
-                                                   float* __restrict__ lse_out, unsigned sQw,
+                                                   float* __restrict__ lse_out, unsigned stage,
                                                    const TmaMap* tm_o, int epi_bar, unsigned q_empty) {
     const int tw = fresh_tid_x() & 127;   // the thread in the warpgroup
     const int warp = tw >> 5, lane = tw & 31, t4 = lane & 3;
@@ -366,9 +380,13 @@ __device__ __forceinline__ void epilogue_tma_store(const float (&o)[D / 2], floa
     l_hi = quad_sum(l_hi);
     const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f;
     const float inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
+    if (kOwnStaging) {   // the previous tile's store must have read the staging part
+        if (tw == 0) bulk_wait_group_read<0>();
+        named_bar_sync(epi_bar, 128);
+    }
     {
         const int mat = lane >> 3, r8 = lane & 7;
-        const unsigned row_addr = sQw + static_cast<unsigned>(warp * 16 + (mat & 1) * 8 + r8) * 128u;
+        const unsigned row_addr = stage + static_cast<unsigned>(warp * 16 + (mat & 1) * 8 + r8) * 128u;
         const unsigned unit = static_cast<unsigned>((mat >> 1) ^ r8) << 4;
 #pragma unroll
         for (int i = 0; i < D / 16; ++i)
@@ -383,11 +401,11 @@ __device__ __forceinline__ void epilogue_tma_store(const float (&o)[D / 2], floa
     if (tw == 0) {
 #pragma unroll
         for (int c = 0; c < D / 64; ++c)
-            tma_store_5d(tm_o, sQw + c * (64u * 128u), c * 64, r_lo, h, b1, b0);   // thread 0: r_lo = first row
+            tma_store_5d(tm_o, stage + c * (64u * 128u), c * 64, r_lo, h, b1, b0);   // thread 0: r_lo = first row
         bulk_commit_group();
-        bulk_wait_group_read<0>();
+        if (!kOwnStaging) bulk_wait_group_read<0>();
     }
-    mbar_arrive(q_empty);
+    if (!kOwnStaging) mbar_arrive(q_empty);   // the Q part was the staging part
     const long long row_base = static_cast<long long>(bh) * Lq;
     if (t4 == 0 && r_lo < Lq) lse_out[row_base + r_lo] = l_lo > 0.f ? (m_lo + cupyattn::fast_log2(l_lo)) * kLn2 : -INFINITY;
     if (t4 == 0 && r_hi < Lq) lse_out[row_base + r_hi] = l_hi > 0.f ? (m_hi + cupyattn::fast_log2(l_hi)) * kLn2 : -INFINITY;
@@ -518,6 +536,36 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
         if (w == 0) named_bar_arrive(3, 256);   // warpgroup 0 issues first
         if (tw == 0) tma_prefetch_map(&tm_o);
 
+        constexpr bool kDefer = P::kDeferEnd;
+        const unsigned sOw = base + P::kOffO + w * P::kQPart;   // the O staging part (kDefer)
+        // kDefer: the last PV product of the previous tile, still to issue, and what its
+        // epilogue needs; o holds that tile's sum until then
+        bool pending = false;
+        RingPos pend_pos;
+        float pm_lo = 0.f, pm_hi = 0.f, pl_lo = 0.f, pl_hi = 0.f;
+        int p_bh = 0, p_r_lo = 0;
+        float o[D / 2];
+        unsigned pa[BN / 16][4];
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+#pragma unroll
+        for (int i = 0; i < BN / 16; ++i) pa[i][0] = pa[i][1] = pa[i][2] = pa[i][3] = 0u;
+        // kDefer: the pending tile's last PV product off-turn, then its epilogue (a tile with no
+        // key, or the block's last tile, has no first turn to take it)
+        auto flush_pending = [&]() {
+            mbar_wait(bar_full_v(pend_pos.stage), pend_pos.phase);
+            fence_regs(o);
+            wgmma_fence();
+            issue_pv<T, D, BN>(o, pa, __shfl_sync(0xffffffffu, sV + pend_pos.stage * P::kKV, 0));
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(o);
+            mbar_arrive(bar_empty_v(pend_pos.stage));
+            epilogue_tma_store<T, D, true>(o, pl_lo, pl_hi, pm_lo, pm_hi, p_bh, p_r_lo, Lq, Hq, nb1, lse_out, sOw,
+                                           &tm_o, 3 + C + w, 0u);
+            pending = false;
+        };
+
         RingPos pos;
         unsigned queued = 0;
 #pragma unroll 1
@@ -534,32 +582,61 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                 return last_col >= Lk || (causal && last_col - wrow0 > diag);
             };
 
-            float o[D / 2];
+            if (!kDefer) {
 #pragma unroll
-            for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+                for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+            }
             float m_lo = -INFINITY, m_hi = -INFINITY;
             float l_lo = 0.f, l_hi = 0.f;
 
             mbar_wait(bar_q(w), (queued - 1u) & 1u);   // this tile's Q (the queue's entry queued - 1)
+            if (kDefer) {   // once a tile, through lane 0: the branches on `pending` hide that these are uniform
+                pending = __shfl_sync(0xffffffffu, pending, 0);
+                pos.stage = __shfl_sync(0xffffffffu, pos.stage, 0);
+                pos.phase = __shfl_sync(0xffffffffu, pos.phase, 0);
+                pend_pos.stage = __shfl_sync(0xffffffffu, pend_pos.stage, 0);
+            }
             if (n_tiles > 0) {
                 float sc[BN / 2];
-                unsigned pa[BN / 16][4];
                 float corr_lo, corr_hi;
-                // tile 0: S GEMM and softmax alone (O is zero, nothing to rescale)
+                // tile 0: S GEMM and softmax, and under kDefer the previous tile's last PV
+                // product (or, with none pending, a stand-in whose result is dropped: a wgmma
+                // under a runtime branch would make ptxas serialise every wgmma, C7520)
                 {
                     const int s = pos.stage;
+                    const unsigned pv_stage = __shfl_sync(0xffffffffu, pending ? sV + pend_pos.stage * P::kKV : sK + s * P::kKV, 0);
                     const int key0 = (n_tiles - 1) * BN;
                     mbar_wait(bar_full_k(s), pos.phase);
+                    if (kDefer && pending) mbar_wait(bar_full_v(pend_pos.stage), pend_pos.phase);
                     named_bar_sync(my_bar, 256);
+                    if (kDefer) fence_regs(o);
                     wgmma_fence();
                     issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);
                     wgmma_commit();
+                    if (kDefer) {
+                        issue_pv<T, D, BN>(o, pa, pv_stage);
+                        wgmma_commit();
+                    }
                     named_bar_arrive(next_bar, 256);
-                    wgmma_wait<0>();
+                    if (kDefer) wgmma_wait<1>(); else wgmma_wait<0>();
                     fence_regs(sc);
-                    mbar_arrive(bar_empty_k(s));
+                    if (!kDefer) mbar_arrive(bar_empty_k(s));
+                    if (kDefer && n_tiles == 1) mbar_arrive(bar_q_empty(w));   // Q's last product done
                     softmax_fast<BN>(sc, needs_mask(key0), key0, Lk, causal, diag, r_lo, t4, scale_log2,
                                      m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
+                    if (kDefer) {
+                        wgmma_wait<0>();
+                        fence_regs(o);
+                        mbar_arrive(bar_empty_k(s));   // after the stand-in too, which may read it
+                        if (pending) {
+                            mbar_arrive(bar_empty_v(pend_pos.stage));
+                            epilogue_tma_store<T, D, true>(o, pl_lo, pl_hi, pm_lo, pm_hi, p_bh, p_r_lo, Lq, Hq, nb1,
+                                                           lse_out, sOw, &tm_o, 3 + C + w, 0u);
+                            pending = false;
+                        }
+#pragma unroll
+                        for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+                    }
                     to_a_frags<T, BN>(sc, pa);
                 }
                 RingPos prev = pos;
@@ -581,6 +658,9 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                     wgmma_wait<1>();                                // S_i done, PV may still run
                     fence_regs(sc);
                     mbar_arrive(bar_empty_k(s));
+                    // kDefer: Q's last product is done, so the loader may bring the next tile's
+                    // Q while this one ends
+                    if (kDefer && it == n_tiles - 1) mbar_arrive(bar_q_empty(w));
                     softmax_fast<BN>(sc, needs_mask(key0), key0, Lk, causal, diag, r_lo, t4, scale_log2,
                                      m_lo, m_hi, l_lo, l_hi, corr_lo, corr_hi);
                     wgmma_wait<0>();                                // PV_{i-1} done: pa, o free
@@ -591,20 +671,37 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                     prev = pos;
                     pos.advance<STAGES>();
                 }
-                mbar_wait(bar_full_v(prev.stage), prev.phase);
-                fence_regs(o);
-                wgmma_fence();
-                issue_pv<T, D, BN>(o, pa, sV + prev.stage * P::kKV);
-                wgmma_commit();
-                wgmma_wait<0>();
-                fence_regs(o);
-                mbar_arrive(bar_empty_v(prev.stage));
+                if (kDefer) {   // the last PV product waits for the next tile's first turn
+                    pending = true;
+                    pend_pos = prev;
+                    pm_lo = m_lo, pm_hi = m_hi, pl_lo = l_lo, pl_hi = l_hi;
+                    p_bh = t.bh, p_r_lo = r_lo;
+                } else {
+                    mbar_wait(bar_full_v(prev.stage), prev.phase);
+                    fence_regs(o);
+                    wgmma_fence();
+                    issue_pv<T, D, BN>(o, pa, sV + prev.stage * P::kKV);
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    fence_regs(o);
+                    mbar_arrive(bar_empty_v(prev.stage));
+                }
             }
-            // Q part w is released inside, once the TMA store has read it. Named barriers 3 + C + w:
-            // 0 is __syncthreads, 3 .. 2 + C the tensor-core turns.
-            epilogue_tma_store<T, D>(o, l_lo, l_hi, m_lo, m_hi, t.bh, r_lo, Lq, Hq, nb1, lse_out, sQw, &tm_o,
-                                     3 + C + w, bar_q_empty(w));
+            // Named barriers 3 + C + w: 0 is __syncthreads, 3 .. 2 + C the tensor-core turns.
+            if (!kDefer) {
+                // Q part w is released inside, once the TMA store has read it.
+                epilogue_tma_store<T, D, false>(o, l_lo, l_hi, m_lo, m_hi, t.bh, r_lo, Lq, Hq, nb1, lse_out, sQw,
+                                                &tm_o, 3 + C + w, bar_q_empty(w));
+            } else if (n_tiles == 0) {   // no key: zeros and lse -inf, after the pending tile
+                mbar_arrive(bar_q_empty(w));
+                if (pending) flush_pending();
+#pragma unroll
+                for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+                epilogue_tma_store<T, D, true>(o, l_lo, l_hi, m_lo, m_hi, t.bh, r_lo, Lq, Hq, nb1, lse_out, sOw,
+                                               &tm_o, 3 + C + w, 0u);
+            }
         }
+        if (kDefer && pending) flush_pending();
         if ((fresh_tid_x() & 127) == 0) bulk_wait_group<0>();   // its TMA stores have reached global memory
         if (w == 0) named_bar_sync(3, 256);   // takes warpgroup C-1's last arrival: every barrier balanced
     }

@@ -51,5 +51,12 @@ q, k, v = arr(2, 40, 300, 256), arr(2, 40, 200, 256), arr(2, 40, 200, 256)
 for causal in (False, True):
     print("flash 256 256 many tiles", causal, flush=True)
     cupyattn.attention(q, k, v, causal=causal, backend="flash", return_lse=True)
+# D=128 at 128x2 defers each tile's end into the next tile's first turn (Plan::kDeferEnd): more
+# tiles than SMs so that blocks carry a pending tile, and causal with Lq - Lk >= 128 so that tiles
+# with no key flush it.
+q, k, v = arr(2, 40, 400, 128), arr(2, 40, 200, 128), arr(2, 40, 200, 128)
+for causal in (False, True):
+    print("flash 128 128 many tiles", causal, flush=True)
+    cupyattn.attention(q, k, v, causal=causal, backend="flash", return_lse=True)
 cupy.cuda.Device().synchronize()
 print("sanitizer case done")

@@ -11,7 +11,10 @@ every block left out): the tile period, the steps between the key loop's end and
 first product, and how long both consumer warpgroups are out of the key loop at once. The stamps
 cost the kernel a few percent (~6% at D=128 L=4k on an H200), so read the split, not the speed.
 Only full (non-causal) rows are split; the anchors below follow the kernel source, and a source
-they no longer match stops the tool with the anchor it missed. The split in bench/NOTES.md
+they no longer match stops the tool with the anchor it missed. Where the kernel defers a tile's end
+(Plan::kDeferEnd: two consumers where an O staging buffer fits, e.g. D=128 at 128x2), the last PV
+product and the epilogue run in the next tile's first turn and events 5 and 6 are not stamped:
+trace the rows of configurations that do not defer (176x2, D=256, three consumers) for those. The split in bench/NOTES.md
 (2026-11-28, H200) came from the first, inline form of this script with the same stamps; this
 standalone form was checked here without a GPU (the traced source compiles for sm_90a), not yet
 run on one.
@@ -41,20 +44,17 @@ STAMPS = [
      "            const int tk = static_cast<int>(queued) - 1;\n            if (tw == 0) TRACE(w, tk, 0);\n"),
     ("            mbar_wait(bar_q(w), (queued - 1u) & 1u);   // this tile's Q (the queue's entry queued - 1)\n",
      "            if (tw == 0) TRACE(w, tk, 1);\n"),
-    ("                    mbar_wait(bar_full_k(s), pos.phase);\n                    named_bar_sync(my_bar, 256);\n"
-     "                    wgmma_fence();\n                    issue_qk<T, D, BN>(sc, sQw, sK + s * P::kKV);\n"
-     "                    wgmma_commit();\n                    named_bar_arrive(next_bar, 256);\n"
-     "                    wgmma_wait<0>();\n",
+    ("                    if (kDefer) wgmma_wait<1>(); else wgmma_wait<0>();\n",
      "                    if (tw == 0) TRACE(w, tk, 3);\n"),
-    ("                    mbar_wait(bar_full_k(s), pos.phase);\n                    named_bar_sync(my_bar, 256);\n"
-     "                    wgmma_fence();\n",
+    ("                    named_bar_sync(my_bar, 256);\n                    if (kDefer) fence_regs(o);\n",
      "                    if (tw == 0) TRACE(w, tk, 2);\n"),
     ("                    prev = pos;\n                    pos.advance<STAGES>();\n                }\n",
      "                if (tw == 0) TRACE(w, tk, 4);\n"),
-    ("                wgmma_wait<0>();\n                fence_regs(o);\n                mbar_arrive(bar_empty_v(prev.stage));\n",
-     "                if (tw == 0) TRACE(w, tk, 5);\n"),
-    ("                                     3 + C + w, bar_q_empty(w));\n",
-     "            if (tw == 0) TRACE(w, tk, 6);\n"),
+    ("                    wgmma_wait<0>();\n                    fence_regs(o);\n"
+     "                    mbar_arrive(bar_empty_v(prev.stage));\n",
+     "                    if (tw == 0) TRACE(w, tk, 5);\n"),
+    ("                                                &tm_o, 3 + C + w, bar_q_empty(w));\n",
+     "                if (tw == 0) TRACE(w, tk, 6);\n"),
     ("                    mbar_wait(bar_q_empty(w), parity ^ 1u);\n",
      "                    TRACE(C, static_cast<int>(queued) - 1, w);\n"),
     ("                    mbar_wait(bar_empty_k(s), pos.phase ^ 1u);\n",
@@ -95,7 +95,7 @@ def main():
     bf = np.dtype(cupyattn.bfloat16)
     rng = cupy.random.default_rng(3)
     # AB_ROWS' format (tools/ab_sm90.py); the first configuration of each row is traced
-    rows = parse_rows(os.environ.get("TRACE_ROWS", "128:4096:128x2,128:16384:128x2,256:4096:64x2"))
+    rows = parse_rows(os.environ.get("TRACE_ROWS", "128:4096:176x2,128:16384:176x2,256:4096:64x2"))
     plain_source = _flash_sm90.SOURCE
     for D, (LQ, LK), (cfg, *_), H in rows:
         B = max(1, 16384 // LK)
@@ -116,15 +116,18 @@ def main():
         n_key = -(-LK // cfg[0])
         steps = {k: [] for k in ("period", "last PV", "epilogue", "pop", "Q wait", "turn wait", "first S",
                                  "Q load -> arrival", "both out of the loop")}
+        # a deferred tile end stamps no events 5 and 6: the period and the pop count from event 4
+        end = 4 if _flash_sm90.defers_tile_end(D, cfg) else 6
         for b in range(BLOCKS):
-            n = int((t[b, 0, :, 6] > 0).sum())
+            n = int((t[b, 0, :, end] > 0).sum())
             for kk in range(1, n - 1):
                 for w in range(C):
                     ev = t[b, w]
-                    steps["period"].append(ev[kk + 1, 6] - ev[kk, 6])
-                    steps["last PV"].append(ev[kk, 5] - ev[kk, 4])
-                    steps["epilogue"].append(ev[kk, 6] - ev[kk, 5])
-                    steps["pop"].append(ev[kk + 1, 0] - ev[kk, 6])
+                    steps["period"].append(ev[kk + 1, end] - ev[kk, end])
+                    if end == 6:
+                        steps["last PV"].append(ev[kk, 5] - ev[kk, 4])
+                        steps["epilogue"].append(ev[kk, 6] - ev[kk, 5])
+                    steps["pop"].append(ev[kk + 1, 0] - ev[kk, end])
                     steps["Q wait"].append(ev[kk + 1, 1] - ev[kk + 1, 0])
                     steps["turn wait"].append(ev[kk + 1, 2] - ev[kk + 1, 1])
                     steps["first S"].append(ev[kk + 1, 3] - ev[kk + 1, 2])
