@@ -50,6 +50,14 @@ HEAD_DIMS = tuple(sorted(CONFIGS))
 # not fit 160 registers, and (128,4,3) beats two consumers' (192,3) at L=16k by 14-18%.
 LONG_CONFIGS = {128: (176, 2)}
 LONG_KEYS = 8192
+# Full (non-causal) rows with MEDIUM_KEYS <= Lk < LONG_KEYS: at D=128, BN=160 is the widest tile
+# whose ring leaves room for the O staging buffer of the deferred tile end (176 does not), and at
+# L=4k it wastes 1.5% on the partial key tile against 3% at 176 (tools/ab_sm90.py on an H200,
+# 2026-11-28, interleaved, TFLOP/s 128 / 144 / 160 / 176: L=4k full 568 / 571 / 583 / 572, cuDNN
+# 580; causal 507 / 495 / 501 / 483, so causal keeps 128; L=2k full 555 / 536 / 560, causal 441 /
+# 417 / 421; L=8k full 585 / - / 605 / 615, so 176 from LONG_KEYS on).
+MEDIUM_FULL_CONFIGS = {128: (160, 2)}
+MEDIUM_KEYS = 4096
 # Short causal rows (Lk < SHORT_CAUSAL_KEYS) at D=64 keep two consumers: 128-row tiles waste less
 # of the diagonal and give the scheduler more, shorter tiles to even out (same A/B, L=1k causal:
 # 266 vs 244 TFLOP/s; L=1k full favours three consumers, 371 vs 352).
@@ -122,13 +130,15 @@ def tile_config(head_dim: int, len_k: int = 0, causal: bool = False) -> Tuple[in
         return full_config(SHORT_CAUSAL_CONFIGS[head_dim])
     if len_k >= LONG_KEYS and head_dim in LONG_CONFIGS:
         return full_config(LONG_CONFIGS[head_dim])
+    if not causal and len_k >= MEDIUM_KEYS and head_dim in MEDIUM_FULL_CONFIGS:
+        return full_config(MEDIUM_FULL_CONFIGS[head_dim])
     return full_config(CONFIGS[head_dim])
 
 
 def configs(head_dim: int) -> List[Tuple[int, int, int]]:
     """Every (BN, STAGES, CONSUMERS) tile_config can choose for a head dim."""
     out = [full_config(CONFIGS[head_dim])]
-    for table in (LONG_CONFIGS, SHORT_CAUSAL_CONFIGS):
+    for table in (LONG_CONFIGS, MEDIUM_FULL_CONFIGS, SHORT_CAUSAL_CONFIGS):
         if head_dim in table and full_config(table[head_dim]) not in out:
             out.append(full_config(table[head_dim]))
     return out

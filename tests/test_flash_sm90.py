@@ -71,11 +71,12 @@ def _check_twice(qn, kn, vn, causal, ref=None, grid=None, config=None):
 
 
 # Configurations the shape grid does not cover in both masks, forced on short shapes, causal and
-# not: the long-key tiles, the short-causal D=64 tile (two consumers), D=64's default (three
+# not: the long-key tiles, the medium-key full tiles (D=128, BN=160), the short-causal D=64 tile (two consumers), D=64's default (three
 # consumers, which short causal rows do not take) and the instantiations of EXTRA_CONFIGS.
 def _forced_configs():
     full = _flash_sm90.full_config
-    pairs = [(d, full(c)) for table in (_flash_sm90.LONG_CONFIGS, _flash_sm90.SHORT_CAUSAL_CONFIGS)
+    pairs = [(d, full(c)) for table in (_flash_sm90.LONG_CONFIGS, _flash_sm90.MEDIUM_FULL_CONFIGS,
+                                        _flash_sm90.SHORT_CAUSAL_CONFIGS)
              for d, c in table.items()]
     pairs += [(d, full(_flash_sm90.CONFIGS[d])) for d in _flash_sm90.SHORT_CAUSAL_CONFIGS]
     pairs += [(d, full(c)) for d, cs in _flash_sm90.EXTRA_CONFIGS.items() for c in cs]
@@ -165,6 +166,21 @@ def test_long_keys_dispatch(d, causal):
     qn, kn, vn = _inputs((1, 2, 200, d), (1, 1, lk, d), BFLOAT16, seed=d + lk)
     out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), causal)
     _check(qn, kn, vn, out, lse, causal)
+
+
+@pytest.mark.gpu
+@sm90_only
+@pytest.mark.parametrize("d", [pytest.param(d, id=f"D{d}") for d in sorted(_flash_sm90.MEDIUM_FULL_CONFIGS)])
+def test_medium_keys_dispatch(d):
+    """Full rows with MEDIUM_KEYS <= Lk < LONG_KEYS through the default choice (BN=160 at D=128,
+    with the deferred tile end: more tiles than the 132 SMs of an H100 / H200, so blocks carry a
+    pending tile end; a partial last key tile and m-block; GQA)."""
+    import cupy
+    lk = _flash_sm90.MEDIUM_KEYS + 77
+    assert _flash_sm90.tile_config(d, lk) == _flash_sm90.full_config(_flash_sm90.MEDIUM_FULL_CONFIGS[d])
+    qn, kn, vn = _inputs((4, 4, 1100, d), (4, 1, lk, d), BFLOAT16, seed=d + lk)
+    out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), False)
+    _check(qn, kn, vn, out, lse, False)
 
 
 @pytest.mark.gpu
@@ -285,8 +301,8 @@ def test_kernel_specs_cpu():
     all_configs = {d: _flash_sm90.instantiated_configs(d) for d in _flash_sm90.HEAD_DIMS}
     for d, cs in all_configs.items():
         assert len(cs) == len(set(cs)) and all(len(c) == 3 for c in cs)
-        wanted = [_flash_sm90.CONFIGS[d]] + [t[d] for t in (_flash_sm90.LONG_CONFIGS, _flash_sm90.SHORT_CAUSAL_CONFIGS)
-                                             if d in t]
+        wanted = [_flash_sm90.CONFIGS[d]] + [t[d] for t in (_flash_sm90.LONG_CONFIGS, _flash_sm90.MEDIUM_FULL_CONFIGS,
+                                                            _flash_sm90.SHORT_CAUSAL_CONFIGS) if d in t]
         assert set(cs) == set(map(full, wanted + list(_flash_sm90.EXTRA_CONFIGS.get(d, ()))))
         assert set(_flash_sm90.configs(d)) == set(map(full, wanted))
     assert len(specs) == 2 * sum(len(cs) for cs in all_configs.values())   # two dtypes
@@ -296,11 +312,15 @@ def test_kernel_specs_cpu():
     assert _flash_sm90.kernel_name(BFLOAT16, 128) == "flash_fwd_sm90_kernel<__nv_bfloat16, 128, 128, 2>"
     assert _flash_sm90.kernel_name(BFLOAT16, 64, (192, 3, 2)) == "flash_fwd_sm90_kernel<__nv_bfloat16, 64, 192, 3>"
     assert _flash_sm90.kernel_name(FLOAT16, 64, (128, 4, 3)) == "flash_fwd_sm90_kernel<__half, 64, 128, 4, 3>"
-    # long key ranges take the wider tiles (D=128), short causal rows at D=64 two consumers, the
-    # rest the default; every choice is instantiated
+    # long key ranges take the wider tiles (D=128), full rows from MEDIUM_KEYS on BN=160 (D=128),
+    # short causal rows at D=64 two consumers, the rest the default; every choice is instantiated
+    assert _flash_sm90.tile_config(128, 4096) == (160, 2, 2) and _flash_sm90.tile_config(128, 4095) == (128, 2, 2)
+    assert _flash_sm90.tile_config(128, 4096, True) == (128, 2, 2) and _flash_sm90.tile_config(128, 8192) == (176, 2, 2)
     for d in _flash_sm90.HEAD_DIMS:
         for causal in (False, True):
-            assert _flash_sm90.tile_config(d, 4096, causal) == full(_flash_sm90.CONFIGS[d])
+            medium = None if causal else _flash_sm90.MEDIUM_FULL_CONFIGS.get(d)
+            assert _flash_sm90.tile_config(d, 4096, causal) == full(medium or _flash_sm90.CONFIGS[d])
+            assert _flash_sm90.spec_for(BFLOAT16, d, _flash_sm90.tile_config(d, 4096, causal)) in specs
             long_cfg = _flash_sm90.tile_config(d, _flash_sm90.LONG_KEYS, causal)
             assert long_cfg == full(_flash_sm90.LONG_CONFIGS.get(d, _flash_sm90.CONFIGS[d]))
             assert _flash_sm90.spec_for(BFLOAT16, d, long_cfg) in specs
