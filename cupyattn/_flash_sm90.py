@@ -50,12 +50,14 @@ HEAD_DIMS = tuple(sorted(CONFIGS))
 # not fit 160 registers, and (128,4,3) beats two consumers' (192,3) at L=16k by 14-18%.
 LONG_CONFIGS = {128: (176, 2)}
 LONG_KEYS = 8192
-# Full (non-causal) rows with MEDIUM_KEYS <= Lk < LONG_KEYS: at D=128, BN=160 is the widest tile
-# whose ring leaves room for the O staging buffer of the deferred tile end (176 does not), and at
-# L=4k it wastes 1.5% on the partial key tile against 3% at 176 (tools/ab_sm90.py on an H200,
-# 2026-11-28, interleaved, TFLOP/s 128 / 144 / 160 / 176: L=4k full 568 / 571 / 583 / 572, cuDNN
-# 580; causal 507 / 495 / 501 / 483, so causal keeps 128; L=2k full 555 / 536 / 560, causal 441 /
-# 417 / 421; L=8k full 585 / - / 605 / 615, so 176 from LONG_KEYS on).
+# Full (non-causal) rows with Lk >= MEDIUM_KEYS at D=128 choose between BN=160, the widest tile
+# whose ring leaves room for the O staging buffer of the deferred tile end, and the long tile
+# (176, which does not defer but walks fewer tiles a key): 160 wherever it pads the last key tile
+# with at least 1% of Lk fewer keys than 176 does (the deferral is worth ~1% at L=4k, 176's wider
+# turns 1-2% at L >= 6k). tools/ab_sm90.py on an H200, 2026-11-28, interleaved, full rows, TFLOP/s
+# 128 / 160 / 176: L=3k 576 / 564 / -; L=4k 568 / 583 / 572 and - / 576 / 560; L=5k - / 596 / 575;
+# L=6k - / 585 / 599; L=7k - / 588 / 594; L=8k 585 / 605 / 615; L=16k - / 620 / 634. Causal rows
+# keep 128 below LONG_KEYS (L=4k 507 / 501 / 483; L=2k 128 441, 160 421).
 MEDIUM_FULL_CONFIGS = {128: (160, 2)}
 MEDIUM_KEYS = 4096
 # Short causal rows (Lk < SHORT_CAUSAL_KEYS) at D=64 keep two consumers: 128-row tiles waste less
@@ -128,10 +130,12 @@ def tile_config(head_dim: int, len_k: int = 0, causal: bool = False) -> Tuple[in
     """(BN, STAGES, CONSUMERS) the kernel runs with for this head dim, number of keys and mask."""
     if causal and len_k < SHORT_CAUSAL_KEYS and head_dim in SHORT_CAUSAL_CONFIGS:
         return full_config(SHORT_CAUSAL_CONFIGS[head_dim])
+    if not causal and len_k >= MEDIUM_KEYS and head_dim in MEDIUM_FULL_CONFIGS:
+        medium, wide = MEDIUM_FULL_CONFIGS[head_dim], LONG_CONFIGS[head_dim]
+        padding = [-len_k % cfg[0] for cfg in (medium, wide)]   # keys the last key tile is short of BN
+        return full_config(medium if padding[0] + len_k // 100 <= padding[1] else wide)
     if len_k >= LONG_KEYS and head_dim in LONG_CONFIGS:
         return full_config(LONG_CONFIGS[head_dim])
-    if not causal and len_k >= MEDIUM_KEYS and head_dim in MEDIUM_FULL_CONFIGS:
-        return full_config(MEDIUM_FULL_CONFIGS[head_dim])
     return full_config(CONFIGS[head_dim])
 
 

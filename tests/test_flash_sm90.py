@@ -172,11 +172,11 @@ def test_long_keys_dispatch(d, causal):
 @sm90_only
 @pytest.mark.parametrize("d", [pytest.param(d, id=f"D{d}") for d in sorted(_flash_sm90.MEDIUM_FULL_CONFIGS)])
 def test_medium_keys_dispatch(d):
-    """Full rows with MEDIUM_KEYS <= Lk < LONG_KEYS through the default choice (BN=160 at D=128,
+    """A full row that takes MEDIUM_FULL_CONFIGS through the default choice (BN=160 at D=128,
     with the deferred tile end: more tiles than the 132 SMs of an H100 / H200, so blocks carry a
     pending tile end; a partial last key tile and m-block; GQA)."""
     import cupy
-    lk = _flash_sm90.MEDIUM_KEYS + 77
+    lk = _flash_sm90.MEDIUM_KEYS + 504   # 4600: 160 pads the last key tile by 40 keys, 176 by 152
     assert _flash_sm90.tile_config(d, lk) == _flash_sm90.full_config(_flash_sm90.MEDIUM_FULL_CONFIGS[d])
     qn, kn, vn = _inputs((4, 4, 1100, d), (4, 1, lk, d), BFLOAT16, seed=d + lk)
     out, lse = _run(cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn), False)
@@ -316,6 +316,8 @@ def test_kernel_specs_cpu():
     # short causal rows at D=64 two consumers, the rest the default; every choice is instantiated
     assert _flash_sm90.tile_config(128, 4096) == (160, 2, 2) and _flash_sm90.tile_config(128, 4095) == (128, 2, 2)
     assert _flash_sm90.tile_config(128, 4096, True) == (128, 2, 2) and _flash_sm90.tile_config(128, 8192) == (176, 2, 2)
+    # full rows from MEDIUM_KEYS: 160 where it pads the last key tile by >= 1% of Lk fewer keys than 176
+    assert [_flash_sm90.tile_config(128, n)[0] for n in (4173, 4600, 5120, 6144, 7168, 20480)] == [176, 160, 160, 176, 176, 176]
     for d in _flash_sm90.HEAD_DIMS:
         for causal in (False, True):
             medium = None if causal else _flash_sm90.MEDIUM_FULL_CONFIGS.get(d)
