@@ -56,8 +56,10 @@ LONG_KEYS = 8192
 # with at least 1% of Lk fewer keys than 176 does (the deferral is worth ~1% at L=4k, 176's wider
 # turns 1-2% at L >= 6k). tools/ab_sm90.py on an H200, 2026-11-28, interleaved, full rows, TFLOP/s
 # 128 / 160 / 176: L=3k 576 / 564 / -; L=4k 568 / 583 / 572 and - / 576 / 560; L=5k - / 596 / 575;
-# L=6k - / 585 / 599; L=7k - / 588 / 594; L=8k 585 / 605 / 615; L=16k - / 620 / 634. Causal rows
-# keep 128 below LONG_KEYS (L=4k 507 / 501 / 483; L=2k 128 441, 160 421).
+# L=6k - / 585 / 599; L=7k - / 588 / 594; L=8k 585 / 605 / 615; L=16k - / 620 / 634; at 9cc6fe4,
+# L=4600 - / 588 / 579 and L=9216 - / 640 / 615, the one point against the rule (paddings 64 / 112
+# keys; rows move by 2-3% between calls). Causal rows keep 128 below LONG_KEYS (L=4k 507 / 501 /
+# 483; L=2k 128 441, 160 421).
 MEDIUM_FULL_CONFIGS = {128: (160, 2)}
 MEDIUM_KEYS = 4096
 # Short causal rows (Lk < SHORT_CAUSAL_KEYS) at D=64 keep two consumers: 128-row tiles waste less
