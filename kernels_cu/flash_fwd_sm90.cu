@@ -344,10 +344,13 @@ __device__ __forceinline__ int fresh_tid_x() {
 }
 
 // The epilogue through shared memory, for one consumer warpgroup (thread tw of 128) whose last wgmma
-// has completed (so nothing reads its Q part sQw any more: an S GEMM completed before the last PV
+// has completed (so nothing reads its Q part any more: an S GEMM completed before the last PV
 // GEMM was issued, and wgmma completion is followed by an implicit generic-async proxy fence).
-//  1. O / l as T into sQw, in the Q map's layout: D/64 column chunks of 64 rows x 128 bytes, chunk
-//     c at sQw + c * 8192 (1024-aligned), row r at r * 128, 16-byte unit u (columns 8u..8u+7 of
+// `stage` is the warpgroup's Q part (kOwnStaging false), or its part of the O staging buffer of
+// the deferred tile end (true: thread 0 first waits until the previous tile's store has read it,
+// behind the named barrier; there is no Q part to hand back, the caller released it already).
+//  1. O / l as T into stage, in the Q map's layout: D/64 column chunks of 64 rows x 128 bytes, chunk
+//     c at stage + c * 8192 (1024-aligned), row r at r * 128, 16-byte unit u (columns 8u..8u+7 of
 //     the chunk) at ((u ^ (r % 8)) * 16), i.e. the TMA 128B swizzle. One stmatrix.x4 per 16
 //     columns: matrices 0 / 1 are rows g / g+8 of the warp's 16 (accumulator chunk j = 2i), 2 / 3
 //     the same rows at j = 2i+1, and the registers are exactly the accumulator pairs (row g: o[4j],
@@ -357,9 +360,10 @@ __device__ __forceinline__ int fresh_tid_x() {
 //     units fall in 8 different 16-byte bank groups: each matrix is one conflict-free 128-byte wavefront.
 //  2. Every thread fences its writes for the async proxy, the warpgroup syncs on its own named
 //     barrier (epi_bar, 128 threads), and thread 0 stores the D/64 chunks with TMA (rows past Lq
-//     are clipped by the map) and waits until they have been READ (wait_group.read).
-//  3. Every thread arrives on the Q part's empty barrier (count 128): thread 0 only after that
-//     wait, so the producer cannot refill sQw before the store has read it. The global writes may
+//     are clipped by the map) and, staging in the Q part, waits until they have been READ
+//     (wait_group.read).
+//  3. Staging in the Q part, every thread arrives on its empty barrier (count 128): thread 0 only
+//     after that wait, so the producer cannot refill it before the store has read it. The global writes may
 //     still be in flight; thread 0 waits for them (bulk_wait_group<0>) before the block exits.
 //  lse: a plain global store per row, as before. The named barrier waits for the slowest warp of
 //  the warpgroup once per tile; thread 0's warp waits for the store's read (64 x D x 2 bytes).
