@@ -133,7 +133,8 @@ def tile_config(head_dim: int, len_k: int = 0, causal: bool = False) -> Tuple[in
     if causal and len_k < SHORT_CAUSAL_KEYS and head_dim in SHORT_CAUSAL_CONFIGS:
         return full_config(SHORT_CAUSAL_CONFIGS[head_dim])
     if not causal and len_k >= MEDIUM_KEYS and head_dim in MEDIUM_FULL_CONFIGS:
-        medium, wide = MEDIUM_FULL_CONFIGS[head_dim], LONG_CONFIGS[head_dim]
+        medium = MEDIUM_FULL_CONFIGS[head_dim]
+        wide = LONG_CONFIGS.get(head_dim, medium)
         padding = [-len_k % cfg[0] for cfg in (medium, wide)]   # keys the last key tile is short of BN
         return full_config(medium if padding[0] + len_k // 100 <= padding[1] else wide)
     if len_k >= LONG_KEYS and head_dim in LONG_CONFIGS:
@@ -180,24 +181,28 @@ def kernel_specs() -> List[KernelSpec]:
     return [spec_for(dt, d, c) for dt in (FLOAT16, BFLOAT16) for d in HEAD_DIMS for c in instantiated_configs(d)]
 
 
-def smem_bytes(head_dim: int, config=None) -> int:
-    """Dynamic shared memory of one block; mirrors sm90::Plan in the kernel source."""
+def _plain_smem_bytes(head_dim: int, config) -> Tuple[int, int]:
+    """(bytes without an O staging buffer, bytes of Q) of sm90::Plan: Q, the K/V ring, the
+    barriers (Q full/empty per consumer; K, V full/empty per stage), the tile queue (80) and the
+    slack for aligning the base (1024)."""
     bn, stages, consumers = full_config(config or CONFIGS[head_dim])
     q = 64 * consumers * head_dim * 2
-    kv = bn * head_dim * 2
-    bars = 2 * consumers + 4 * stages      # Q full/empty per consumer; K, V full/empty per stage
-    fixed = 8 * bars + 80 + 1024           # 80: the tile queue; 1024: aligning the base
-    return q + 2 * stages * kv + fixed + (q if defers_tile_end(head_dim, config) else 0)
+    bars = 2 * consumers + 4 * stages
+    return q + 2 * stages * bn * head_dim * 2 + 8 * bars + 80 + 1024, q
+
+
+def smem_bytes(head_dim: int, config=None) -> int:
+    """Dynamic shared memory of one block; mirrors sm90::Plan in the kernel source."""
+    plain, q = _plain_smem_bytes(head_dim, config)
+    return plain + (q if defers_tile_end(head_dim, config) else 0)
 
 
 def defers_tile_end(head_dim: int, config=None) -> bool:
     """Whether the kernel stages O in a buffer of its own and defers each tile's last PV product
     and epilogue into the next tile's first turn (sm90::Plan::kDeferEnd): two consumers, where
     the second Q-sized buffer fits in 227 KB."""
-    bn, stages, consumers = full_config(config or CONFIGS[head_dim])
-    q = 64 * consumers * head_dim * 2
-    fixed = 8 * (2 * consumers + 4 * stages) + 80 + 1024
-    return consumers == 2 and 2 * q + 2 * stages * bn * head_dim * 2 + fixed <= _SMEM_LIMIT
+    plain, q = _plain_smem_bytes(head_dim, config)
+    return full_config(config or CONFIGS[head_dim])[2] == 2 and plain + q <= _SMEM_LIMIT
 
 
 assert all(smem_bytes(d, c) <= _SMEM_LIMIT for d in HEAD_DIMS for c in instantiated_configs(d))

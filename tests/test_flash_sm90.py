@@ -71,8 +71,9 @@ def _check_twice(qn, kn, vn, causal, ref=None, grid=None, config=None):
 
 
 # Configurations the shape grid does not cover in both masks, forced on short shapes, causal and
-# not: the long-key tiles, the medium-key full tiles (D=128, BN=160), the short-causal D=64 tile (two consumers), D=64's default (three
-# consumers, which short causal rows do not take) and the instantiations of EXTRA_CONFIGS.
+# not: the long-key tiles, the medium-key full tiles (D=128, BN=160), the short-causal D=64 tile
+# (two consumers), D=64's default (three consumers, which short causal rows do not take) and the
+# instantiations of EXTRA_CONFIGS.
 def _forced_configs():
     full = _flash_sm90.full_config
     pairs = [(d, full(c)) for table in (_flash_sm90.LONG_CONFIGS, _flash_sm90.MEDIUM_FULL_CONFIGS,
@@ -312,8 +313,9 @@ def test_kernel_specs_cpu():
     assert _flash_sm90.kernel_name(BFLOAT16, 128) == "flash_fwd_sm90_kernel<__nv_bfloat16, 128, 128, 2>"
     assert _flash_sm90.kernel_name(BFLOAT16, 64, (192, 3, 2)) == "flash_fwd_sm90_kernel<__nv_bfloat16, 64, 192, 3>"
     assert _flash_sm90.kernel_name(FLOAT16, 64, (128, 4, 3)) == "flash_fwd_sm90_kernel<__half, 64, 128, 4, 3>"
-    # long key ranges take the wider tiles (D=128), full rows from MEDIUM_KEYS on BN=160 (D=128),
-    # short causal rows at D=64 two consumers, the rest the default; every choice is instantiated
+    # long key ranges take the wider tiles (D=128), full rows from MEDIUM_KEYS on BN=160 or 176
+    # (D=128), short causal rows at D=64 two consumers, the rest the default; every choice is
+    # instantiated
     assert _flash_sm90.tile_config(128, 4096) == (160, 2, 2) and _flash_sm90.tile_config(128, 4095) == (128, 2, 2)
     assert _flash_sm90.tile_config(128, 4096, True) == (128, 2, 2) and _flash_sm90.tile_config(128, 8192) == (176, 2, 2)
     # full rows from MEDIUM_KEYS: 160 where it pads the last key tile by >= 1% of Lk fewer keys than 176

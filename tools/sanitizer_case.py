@@ -7,6 +7,8 @@ import numpy as np
 import cupy
 
 import cupyattn
+from cupyattn import _flash_sm90
+from cupyattn._problem import normalize
 
 cupy.cuda.set_allocator(None)
 rng = np.random.default_rng(0)
@@ -58,10 +60,8 @@ q, k, v = arr(2, 40, 400, 128), arr(2, 40, 200, 128), arr(2, 40, 200, 128)
 for causal in (False, True):
     print("flash 128 128 many tiles", causal, flush=True)
     cupyattn.attention(q, k, v, causal=causal, backend="flash", return_lse=True)
-# Full D=128 rows with MEDIUM_KEYS <= Lk < LONG_KEYS take BN=160 (also a deferred end): the same
-# inputs with that configuration forced (Lk = 200 is one partial key tile), where the device runs it.
-from cupyattn import _flash_sm90  # noqa: E402
-from cupyattn._problem import normalize  # noqa: E402
+# Full D=128 rows from MEDIUM_KEYS on may take BN=160 (also a deferred end): the same inputs with
+# that configuration forced (Lk = 200 is one partial key tile), where the device runs it.
 if _flash_sm90.supports(normalize(q, k, v)) == []:
     print("flash 128 128 many tiles 160x2", flush=True)
     _flash_sm90.forward(normalize(q, k, v), config=_flash_sm90.MEDIUM_FULL_CONFIGS[128])
