@@ -552,19 +552,36 @@ def _l2_bytes(device_id: int) -> int:
 
 # Tests may force the width of the (batch, head) groups of the block order (None = from L2 size).
 SWIZZLE_WIDTH = None
+# Causal rows with at least this many keys schedule all (batch, head) pairs as one group.
+CAUSAL_GROUP_KEYS = 4096
 
 
 def _swizzle_width(device_id, Lk, D, group, num_bh, causal=False) -> int:
-    """(batch, head) pairs scheduled together so that their K and V stay in half of L2; causal
-    problems take every pair in one group, so that the heaviest tiles of all heads go first.
-    Tiles are ordered heaviest first only within a group, and the narrow groups left the costly
-    diagonal tiles spread over the whole launch (tools/ab_sm90.py AB_SWIZZLE, H200, 2026-11-28,
-    L2-rule width against one group, causal TFLOP/s: D=128 L=4k 497 vs 528, L=16k 555 vs 603;
-    D=256 L=4k 485 vs 548; D=64 L=4k 390 vs >= 408; full rows within 1% either way)."""
+    """(batch, head) pairs whose tiles are scheduled together (the block order walks one group's
+    tiles, heaviest first, before the next group's).
+
+    Full rows take one pair at a time: the ~132 blocks in flight then read the K and V of a few
+    heads, which stay in L2 (ncu, H200, D=128 L=4k: DRAM reads 589 -> 202 MB, L2 hit rate 77 ->
+    91%). Causal rows with fewer than CAUSAL_GROUP_KEYS keys group as many pairs as keep K and V
+    in half of L2, rounded up to a divisor of the pair count (a short last group ends the launch
+    on its heavy diagonal tiles: D=256 L=4k causal, 32 pairs, width 16 636 TFLOP/s, 15 564);
+    longer causal rows take all pairs in one group, whose heaviest-first order balances the
+    blocks best. tools/ab_sm90.py on an H200, 2026-11-28, TFLOP/s in bench-like bursts / under
+    sustained load, this rule against the former one (full: K and V of a group in half of L2;
+    causal: one group): full D=128 L=1k 593 / 564 vs 561 / 527, L=4k 672 / 562 vs 654 / 559,
+    L=16k 687 / 618 vs 662 / 607, D=256 L=4k 714 / 604 vs 703 / 601; causal L=1k D=128 455 /
+    396 vs 373 / 351, D=256 464 / 418 vs 385 / 362, D=64 297 / 264 vs 295 / 271. The L2 groups
+    at longer causal rows: L=4k D=128 623 / 539 vs 576 / 539, D=256 626 / 562 vs 630 / 592,
+    D=64 446 / 400 vs 434 / 402; L=16k D=128 702 / 607 vs 686 / 620, D=64 536 / 482 vs 537 / 491."""
     if SWIZZLE_WIDTH is not None:
         return int(min(max(SWIZZLE_WIDTH, 1), num_bh))
-    if causal:
+    if not causal:
+        return 1
+    if Lk >= CAUSAL_GROUP_KEYS:
         return int(num_bh)
     kv_bytes_per_q_head = max(1, 2 * Lk * D * 2 // group)
-    width = (_l2_bytes(device_id) // 2) // kv_bytes_per_q_head
-    return int(min(max(width, 1), num_bh))
+    width = max(1, (_l2_bytes(device_id) // 2) // kv_bytes_per_q_head)
+    if width >= num_bh:
+        return int(num_bh)
+    # a divisor within a factor 2 above the L2 width, else the L2 width and a short last group
+    return next((w for w in range(width, min(2 * width, num_bh) + 1) if num_bh % w == 0), width)

@@ -377,14 +377,19 @@ def test_compiles_clean_cpu():
 
 
 def test_swizzle_width_cpu(monkeypatch):
-    """Causal problems order the tiles of all (batch, head) pairs together (heaviest first across
-    heads); full ones group as many pairs as keep K and V in half of L2; SWIZZLE_WIDTH overrides."""
+    """Full problems schedule one (batch, head) pair at a time; causal ones with fewer than
+    CAUSAL_GROUP_KEYS keys group as many pairs as keep K and V in half of L2, rounded up to a
+    divisor of the pair count (within a factor 2), longer ones all pairs; SWIZZLE_WIDTH overrides."""
     monkeypatch.setattr(_flash_sm90, "_l2_bytes", lambda device_id: 50 * 2**20)
     width = _flash_sm90._swizzle_width
-    assert width(0, 4096, 128, 1, 64, causal=True) == 64
-    assert width(0, 4096, 128, 1, 64) == 25 * 2**20 // (2 * 4096 * 128 * 2) == 12
-    assert width(0, 4096, 128, 4, 64) == 50                  # GQA: a kv head serves 4 query heads
-    assert width(0, 1 << 20, 256, 1, 8) == 1 and width(0, 64, 64, 1, 8) == 8
+    assert width(0, 4096, 128, 1, 64) == width(0, 64, 64, 1, 8) == width(0, 4096, 128, 4, 7) == 1
+    assert 25 * 2**20 // (2 * 2048 * 256 * 2) == 12
+    assert width(0, 2048, 256, 1, 64, causal=True) == 16       # 12 rounded up to a divisor of 64
+    assert width(0, 2048, 256, 1, 48, causal=True) == 12       # 12 divides 48
+    assert width(0, 2048, 256, 1, 53, causal=True) == 12       # 53 is prime: a short last group
+    assert width(0, 2048, 256, 4, 64, causal=True) == 64       # GQA: a kv head serves 4 query heads
+    assert width(0, 64, 64, 1, 8, causal=True) == 8
+    assert width(0, 4096, 64, 1, 8000, causal=True) == 8000   # long causal rows: one group
     monkeypatch.setattr(_flash_sm90, "SWIZZLE_WIDTH", 5)
     assert width(0, 4096, 128, 1, 64, causal=True) == width(0, 4096, 128, 1, 64) == 5
 

@@ -26,6 +26,7 @@ Each variant's output is checked against the first's before timing; one that dif
 B*L = 16k tokens, H*D = 2048 unless the row names H) and the ratio to cuDNN."""
 import os
 import sys
+import time
 
 import numpy as np
 import cupy
@@ -69,7 +70,8 @@ def row_variants(cfgs, extra):
     cur = [(f"cur/{g}" + (f"/{cfg_label(c)}" if len(cfgs) > 1 else "") + (f"/sw{w}" if w else ""),
             CURRENT_SOURCE, g, c, w)
            for g in GRIDS for c in cfgs for w in SWIZZLES]
-    return cur + [(name, src, grid, cfgs[0], None) for name, src, grid in extra]
+    return cur + [(name + (f"/sw{EXTRA_SWIZZLE}" if EXTRA_SWIZZLE else ""), src, grid, cfgs[0], EXTRA_SWIZZLE)
+                  for name, src, grid in extra]
 
 
 # the source the package ships, read once: fn_for sets _flash_sm90.SOURCE on every call, so after a
@@ -82,15 +84,33 @@ UNCHECKED = set(filter(None, os.environ.get("AB_UNCHECKED", "").split(",")))
 # AB_SWIZZLE="0,2,4": the current source also with these (batch, head) swizzle widths
 # (_flash_sm90.SWIZZLE_WIDTH; 0 = the default rule, half of L2)
 SWIZZLES = [int(w) or None for w in os.environ.get("AB_SWIZZLE", "0").split(",")]
+# AB_EXTRA_SWIZZLE=N: the sources named on the command line run with swizzle width N (default: the rule)
+EXTRA_SWIZZLE = int(os.environ.get("AB_EXTRA_SWIZZLE", "0")) or None
 # (D, (Lq, Lk), [config]): the default tiles at 1k, 4k and 16k, then 4k queries against 16k keys
 # (a 4k row's tile count with a 16k row's keys per tile: does the 4k rows' loss come per tile?)
 DEFAULT_ROWS = ("64:1024:128x4x3,128:1024:128x2,64:4096:128x4x3,128:4096:128x2,256:4096:64x2,"
                 "64:16384:128x4x3,128:16384:176x2,256:16384:64x2,"
                 "128:4096/16384:176x2,256:4096/16384:64x2")
-ROUNDS = 7
+ROUNDS = int(os.environ.get("AB_ROUNDS", "7"))
+# AB_BURST=N: time like bench/attention.py instead of under sustained load: N launches a variant a
+# round, each between its own pair of events (median), the card synchronised and left idle for
+# AB_PAUSE_MS between variants. The sustained A/B runs the card hotter and its clocks lower
+# (1.66 GHz under ncu against up to 1.98), which moves the weight of memory latency against math.
+BURST = int(os.environ.get("AB_BURST", "0"))
+PAUSE_S = float(os.environ.get("AB_PAUSE_MS", "5")) / 1000
 
 
 def time_ms(f, reps=8):
+    if BURST:
+        cupy.cuda.Device().synchronize()
+        time.sleep(PAUSE_S)
+        events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(BURST)]
+        for s, e in events:
+            s.record()
+            f()
+            e.record()
+        events[-1][1].synchronize()
+        return float(np.median([cupy.cuda.get_elapsed_time(s, e) for s, e in events]))
     s, e = cupy.cuda.Event(), cupy.cuda.Event()
     s.record()
     for _ in range(reps):
@@ -159,7 +179,8 @@ def main():
             results[row] = {n: flops / np.median(t) / 1e9 for n, t in times.items()}
             print(row + " " + "  ".join(f"{n}={results[row][n]:.0f}" for n in fns), flush=True)
 
-    print("\nmedian TFLOP/s over", ROUNDS, "interleaved rounds; (ratio to cudnn)")
+    print("\nmedian TFLOP/s over", ROUNDS, "interleaved rounds" + (f" of {BURST}-launch bursts" if BURST else "")
+          + "; (ratio to cudnn)")
     width = max([26] + [len(row) + 1 for row in results])
     col = max([16] + [len(n) + 2 for n in names])
     print(f"{'row':{width}s}" + "".join(n.rjust(col) for n in names))
