@@ -24,7 +24,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from ._kernels import KernelSpec, get_function, set_dynamic_shared_memory
+from ._kernels import KernelSpec, get_function, launch, set_dynamic_shared_memory
 from ._layout import collapse_batch as _collapse_batch, device_props as _device_props
 from ._problem import BFLOAT16, FLOAT16, Problem, dtype_name
 
@@ -110,12 +110,21 @@ def grid_kind(problem: Problem) -> str:
 def full_config(config) -> Tuple[int, int, int]:
     """(BN, STAGES, CONSUMERS) of a configuration given as (BN, STAGES) (two consumers) or
     (BN, STAGES, CONSUMERS)."""
+    try:
+        return _FULL_CONFIGS[config]     # a call asks several times, for a handful of configs
+    except (KeyError, TypeError):        # TypeError: a list, which cannot be a key
+        pass
     c = tuple(int(x) for x in config)
     if len(c) == 2:
         c += (DEFAULT_CONSUMERS,)
     if len(c) != 3 or c[2] not in (2, 3):
         raise ValueError(f"a configuration is (BN, STAGES) or (BN, STAGES, CONSUMERS in 2, 3), not {config!r}")
+    if isinstance(config, tuple):
+        _FULL_CONFIGS[config] = c
     return c
+
+
+_FULL_CONFIGS = {}
 
 
 def block_m(config) -> int:
@@ -193,6 +202,11 @@ def _plain_smem_bytes(head_dim: int, config) -> Tuple[int, int]:
 
 def smem_bytes(head_dim: int, config=None) -> int:
     """Dynamic shared memory of one block; mirrors sm90::Plan in the kernel source."""
+    return _smem_bytes(head_dim, full_config(config or CONFIGS[head_dim]))
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_bytes(head_dim: int, config: Tuple[int, int, int]) -> int:
     plain, q = _plain_smem_bytes(head_dim, config)
     return plain + (q if defers_tile_end(head_dim, config) else 0)
 
@@ -219,9 +233,12 @@ def _base_address(a) -> int:
 
 def _layout_reasons(name: str, a) -> List[str]:
     """Why TMA cannot describe the (..., H, L, D) view `a` (empty = it can)."""
+    return list(_layout_reasons_of(name, a.shape, a.strides, a.itemsize, _base_address(a) % 16 != 0))
+
+
+@functools.lru_cache(maxsize=1024)   # asked for q, k and v on every call, mostly of a few layouts
+def _layout_reasons_of(name: str, shape, strides, item: int, misaligned: bool) -> Tuple[str, ...]:
     reasons = []
-    item = a.itemsize
-    shape, strides = a.shape, a.strides
     if shape[-1] > 1 and strides[-1] != item:
         reasons.append(f"{name}'s last axis is not contiguous (stride {strides[-1] // item} elements)")
     for axis in range(len(shape) - 2, -1, -1):
@@ -238,9 +255,9 @@ def _layout_reasons(name: str, a) -> List[str]:
             reasons.append(f"{name}'s {label} stride ({st} bytes) is not a multiple of 16 bytes")
         elif st >= 2**40:
             reasons.append(f"{name}'s {label} stride ({st} bytes) is too large for a tensor map")
-    if _base_address(a) % 16:
+    if misaligned:
         reasons.append(f"{name}'s base address is not 16-byte aligned")
-    return reasons
+    return tuple(reasons)
 
 
 def _device_reason(problem: Problem):
@@ -496,19 +513,19 @@ def forward(problem: Problem, poison=None, grid=None, checked=False, config=None
     out_step = per_launch * Hq * Lq * D * item
     lse_step = per_launch * Hq * Lq * 4
     shapes = ((Hq, Lq, 64), (Hkv, Lk, bn), (Hkv, Lk, bn))
-    for launch, idx in launch_indices(split):
+    for launch_no, idx in launch_indices(split):
         maps, bcast = launch_maps((q, k, v), shapes, idx, split, dtype, D)
-        o_ptr = out.data.ptr + launch * out_step
+        o_ptr = out.data.ptr + launch_no * out_step
         o = np.uint64(o_ptr)
-        s = np.uint64(lse.data.ptr + launch * lse_step)
+        s = np.uint64(lse.data.ptr + launch_no * lse_step)
         # the last argument, tm_o, is new with the TMA-store epilogue: sources from before it
         # (tools/ab_sm90.py) do not declare it and the launch ignores it
-        fn((blocks,), (threads(config),),
-           (maps[0], maps[1], maps[2], o, s, np.int32(Lq), np.int32(Lk), np.int32(Hq), np.int32(group),
-            np.int32(nb1), np.int32(num_m), np.int32(num_bh), np.int32(swz_bh), np.int32(problem.causal),
-            np.int32(bcast), scale_log2, np.int32(num_tiles), sched,
-            out_map(o_ptr, dtype, D, Lq, Hq, nb1, nb0)),
-           shared_mem=nbytes)
+        launch(fn, blocks, threads(config),
+               (maps[0], maps[1], maps[2], o, s, np.int32(Lq), np.int32(Lk), np.int32(Hq), np.int32(group),
+                np.int32(nb1), np.int32(num_m), np.int32(num_bh), np.int32(swz_bh), np.int32(problem.causal),
+                np.int32(bcast), scale_log2, np.int32(num_tiles), sched,
+                out_map(o_ptr, dtype, D, Lq, Hq, nb1, nb0)),
+               shared_mem=nbytes)
     return out, lse
 
 

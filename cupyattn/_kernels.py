@@ -11,10 +11,13 @@ compile all of them ahead of time, without a GPU, through the low-level NVRTC bi
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
@@ -112,6 +115,53 @@ def set_dynamic_shared_memory(function, nbytes: int) -> None:
     if known is None or known[1] < nbytes:
         function.max_dynamic_shared_size_bytes = nbytes
         _dynamic_shared_limit[id(function)] = (function, nbytes)
+
+
+def launch(function, blocks: int, threads: int, args, shared_mem: int = 0) -> None:
+    """Launch `function` (from get_function) on the current stream with a 1-D grid and block.
+
+    args: numpy scalars and numpy arrays, each passed by value as its bytes (a TMA tensor map is
+    a one-element structured array of 128 bytes). This goes to cuLaunchKernel directly, the values
+    of all arguments in one buffer: CuPy's own launch converts every argument on every call, and
+    for a structured array that means building its __array_interface__ in Python (H200 host, the
+    Hopper forward's 19 arguments: ~21 us of a ~115 us call). The driver copies the values during
+    the call and reads as many as the kernel declares (trailing extras are ignored, as with
+    CuPy's launch); errors come back as CuPy's CUDADriverError."""
+    import cupy
+    from cupy_backends.cuda.api import driver
+    blobs = [a.tobytes() for a in args]
+    sizes = tuple(map(len, blobs))
+    # one value buffer and pointer array per argument layout and host thread (two threads may
+    # launch at once), reused: building them costs more than the copy
+    buffers = _launch_buffers.__dict__
+    layout = buffers.get(sizes)
+    if layout is None:
+        values = ctypes.create_string_buffer(max(1, sum(sizes)))
+        base = ctypes.addressof(values)
+        offsets = itertools.accumulate((0,) + sizes[:-1])
+        pointers = (ctypes.c_void_p * max(1, len(sizes)))(*[base + o for o in offsets])
+        layout = buffers[sizes] = (values, pointers, base, ctypes.addressof(pointers))
+    _, _, base, params = layout
+    ctypes.memmove(base, b"".join(blobs), sum(sizes))
+    driver.launchKernel(_function_ptr(function), blocks, 1, 1, threads, 1, 1, shared_mem,
+                        cupy.cuda.get_current_stream().ptr, params, 0)
+
+
+_launch_buffers = threading.local()
+
+
+# (id(function), device) -> (function, CUfunction handle); holding the function keeps ids unique.
+# Per device: a RawKernel shared by two devices of one arch loads a module on each.
+_function_ptrs = {}
+
+
+def _function_ptr(function) -> int:
+    import cupy
+    key = (id(function), cupy.cuda.runtime.getDevice())
+    entry = _function_ptrs.get(key)
+    if entry is None:
+        entry = _function_ptrs[key] = (function, function.kernel.ptr)
+    return entry[1]
 
 
 # ---------------------------------------------------------------------------------------------

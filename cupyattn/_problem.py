@@ -160,7 +160,8 @@ def normalize(q, k, v, *, causal=False, scale=None, mask=None) -> Problem:
 
     device_id = None
     if library == "cupy":
-        devices = {n: a.device.id for n, a in (("q", q), ("k", k), ("v", v), ("mask", mask)) if a is not None}
+        # data.device_id is what a.device.id reads, without making a Device object each time
+        devices = {n: a.data.device_id for n, a in (("q", q), ("k", k), ("v", v), ("mask", mask)) if a is not None}
         if len(set(devices.values())) != 1:
             raise ValueError(f"q, k, v and mask must be on one CUDA device, got {devices}")
         device_id = devices["q"]
