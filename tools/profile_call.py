@@ -7,8 +7,9 @@ For each shape (bf16, B*L = 16k tokens, H*D = 2048, the bench's headline grid at
              back to back): what a user sees
   host_ms    the host's time per call when the GPU is not the bottleneck (perf_counter over a
              loop, then synchronise)
-  kernel_ms  the GPU time of the launches alone: every RawKernel launch of one call is recorded
-             and replayed 20 times between two events, with no Python in between
+  kernel_ms  the GPU time of the launches alone: every launch of one call (a RawKernel call or
+             _kernels.launch) is recorded and replayed 20 times between two events, with little
+             Python in between
 A call is host-bound when host_ms > kernel_ms. --profile adds a cProfile of 300 calls of the
 first shape (top functions by own time), to show which Python steps cost what.
 """
@@ -79,9 +80,19 @@ class LaunchRecorder:
 
                 def __call__(self, grid, block, args, **launch_kw):
                     if recorder.recording:
-                        recorder.launches.append((fn, grid, block, args, launch_kw))
+                        recorder.launches.append(lambda: fn(grid, block, args, **launch_kw))
                     return fn(grid, block, args, **launch_kw)
             return Recorded()
+        return wrapped
+
+    def wrap_launch(self, launch):
+        """_kernels.launch (cuLaunchKernel with packed arguments), recorded as a replayable call."""
+        recorder = self
+
+        def wrapped(fn, blocks, threads, args, shared_mem=0):
+            if recorder.recording:
+                recorder.launches.append(lambda: launch(fn, blocks, threads, args, shared_mem=shared_mem))
+            return launch(fn, blocks, threads, args, shared_mem=shared_mem)
         return wrapped
 
 
@@ -96,6 +107,8 @@ def main():
     for mod in (_kernels, _flash, _flash_sm90, _flash_bwd):
         if hasattr(mod, "get_function"):
             mod.get_function = rec.wrap(getattr(mod, "get_function"))
+        if hasattr(mod, "launch"):
+            mod.launch = rec.wrap_launch(getattr(mod, "launch"))
 
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
     header = f"{'D':>4} {'L':>6} {'causal':>6} {'call_ms':>8} {'host_ms':>8} {'kernel_ms':>9} {'launches':>8}  bound"
@@ -121,8 +134,8 @@ def main():
         launches = list(rec.launches)
 
         def replay():
-            for fn, grid, block, a, kw in launches:
-                fn(grid, block, a, **kw)
+            for relaunch in launches:
+                relaunch()
         a, b = cupy.cuda.Event(), cupy.cuda.Event()
         replay()
         a.record()
