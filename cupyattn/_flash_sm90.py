@@ -570,7 +570,7 @@ def _l2_bytes(device_id: int) -> int:
 # Tests may force the width of the (batch, head) groups of the block order (None = from L2 size).
 SWIZZLE_WIDTH = None
 # Causal rows with at least this many keys schedule all (batch, head) pairs as one group.
-CAUSAL_GROUP_KEYS = 4096
+CAUSAL_GROUP_KEYS = 8192
 
 
 def _swizzle_width(device_id, Lk, D, group, num_bh, causal=False) -> int:
@@ -587,9 +587,10 @@ def _swizzle_width(device_id, Lk, D, group, num_bh, causal=False) -> int:
     sustained load, this rule against the former one (full: K and V of a group in half of L2;
     causal: one group): full D=128 L=1k 593 / 564 vs 561 / 527, L=4k 672 / 562 vs 654 / 559,
     L=16k 687 / 618 vs 662 / 607, D=256 L=4k 714 / 604 vs 703 / 601; causal L=1k D=128 455 /
-    396 vs 373 / 351, D=256 464 / 418 vs 385 / 362, D=64 297 / 264 vs 295 / 271. The L2 groups
-    at longer causal rows: L=4k D=128 623 / 539 vs 576 / 539, D=256 626 / 562 vs 630 / 592,
-    D=64 446 / 400 vs 434 / 402; L=16k D=128 702 / 607 vs 686 / 620, D=64 536 / 482 vs 537 / 491."""
+    396 vs 373 / 351, D=256 464 / 418 vs 385 / 362, D=64 297 / 264 vs 295 / 271; L=4k D=128 623
+    / 539 vs 576 / 539, D=256 626 / 562 vs 630 / 592 (the same config read 557 in another call),
+    D=64 446 / 400 vs 434 / 402; at L=16k the groups lose as often as they gain (D=128 702 / 607
+    vs 686 / 620, D=64 536 / 482 vs 537 / 491)."""
     if SWIZZLE_WIDTH is not None:
         return int(min(max(SWIZZLE_WIDTH, 1), num_bh))
     if not causal:

@@ -389,7 +389,7 @@ def test_swizzle_width_cpu(monkeypatch):
     assert width(0, 2048, 256, 1, 53, causal=True) == 12       # 53 is prime: a short last group
     assert width(0, 2048, 256, 4, 64, causal=True) == 64       # GQA: a kv head serves 4 query heads
     assert width(0, 64, 64, 1, 8, causal=True) == 8
-    assert width(0, 4096, 64, 1, 8000, causal=True) == 8000   # long causal rows: one group
+    assert width(0, _flash_sm90.CAUSAL_GROUP_KEYS, 64, 1, 8000, causal=True) == 8000   # long causal rows: one group
     monkeypatch.setattr(_flash_sm90, "SWIZZLE_WIDTH", 5)
     assert width(0, 4096, 128, 1, 64, causal=True) == width(0, 4096, 128, 1, 64) == 5
 
