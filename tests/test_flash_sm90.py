@@ -409,3 +409,31 @@ def test_grid_choice_cpu():
         assert kind(256, 16384, True) == "static"
     finally:
         _flash_sm90.GRID = old
+
+
+@pytest.mark.gpu
+@sm90_only
+def test_fresh_host_thread_gpu():
+    """A host thread whose first CUDA work is the forward (inputs made by the main thread, the
+    output's memory from CuPy's pool) gets the main thread's bits: the launch, which goes to the
+    driver directly, makes the device's primary context current where none is."""
+    import threading
+
+    import cupy
+    qn, kn, vn = _inputs((2, 4, 300, 128), (2, 4, 200, 128), BFLOAT16, seed=17)
+    q, k, v = cupy.asarray(qn), cupy.asarray(kn), cupy.asarray(vn)
+    expected = cupy.asnumpy(_run(q, k, v, causal=True)[0])
+    result = {}
+
+    def work():
+        try:   # no poison: its fill would be CuPy's launch, which makes the context current itself
+            out = _flash_sm90.forward(normalize(q, k, v, causal=True), poison=False)[0]
+            result["out"] = cupy.asnumpy(out)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            result["error"] = exc
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert "error" not in result, repr(result.get("error"))
+    assert np.array_equal(result["out"].view(np.uint16), expected.view(np.uint16))

@@ -41,3 +41,34 @@ def test_launch_passes_each_argument_by_value_cpu(monkeypatch):
             (0xF00, (132, 1, 1), (384, 1, 1), 200_000, 1234, 0)
         assert got["values"] == [a.tobytes() for a in args]
     assert seen[0]["values"] != seen[1]["values"]
+
+
+def test_launch_makes_a_context_current_for_a_fresh_thread_cpu(monkeypatch):
+    """A launch refused for want of a current context (a host thread whose first CUDA work it is)
+    makes the device's primary context current (cudaFree(0)) and launches again; other errors
+    pass through untouched."""
+    class FakeDriverError(Exception):
+        def __init__(self, status):
+            self.status = status
+
+    calls, freed = [], []
+
+    def fake_launch(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise FakeDriverError(201)     # CUDA_ERROR_INVALID_CONTEXT
+
+    monkeypatch.setattr(driver, "CUDADriverError", FakeDriverError)
+    monkeypatch.setattr(driver, "launchKernel", fake_launch)
+    monkeypatch.setattr(cupy.cuda.runtime, "free", lambda ptr: freed.append(ptr))
+    monkeypatch.setattr(_kernels, "_function_ptr", lambda function: 0xF00)
+    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: _Stream())
+    _kernels.launch("kernel", 1, 128, (np.int32(7),))
+    assert freed == [0] and len(calls) == 2 and calls[0] == calls[1]
+
+    def failing_launch(*args):
+        raise FakeDriverError(700)         # CUDA_ERROR_ILLEGAL_ADDRESS: not ours to retry
+    monkeypatch.setattr(driver, "launchKernel", failing_launch)
+    with pytest.raises(FakeDriverError):
+        _kernels.launch("kernel", 1, 128, (np.int32(7),))
+    assert freed == [0]
