@@ -143,22 +143,20 @@ def launch(function, blocks: int, threads: int, args, shared_mem: int = 0) -> No
         layout = buffers[sizes] = (values, pointers, base, ctypes.addressof(pointers))
     _, _, base, params = layout
     ctypes.memmove(base, b"".join(blobs), sum(sizes))
-    args = (_function_ptr(function), blocks, 1, 1, threads, 1, 1, shared_mem, cupy.cuda.get_current_stream().ptr,
-            params, 0)
+    launch_args = (_function_ptr(function), blocks, 1, 1, threads, 1, 1, shared_mem,
+                   cupy.cuda.get_current_stream().ptr, params, 0)
     try:
-        driver.launchKernel(*args)
+        driver.launchKernel(*launch_args)
     except driver.CUDADriverError as exc:
         # A host thread whose first CUDA work this is has no current context (CuPy's own launch
         # makes the device's primary one current first); cudaFree(0) does that, then launch again.
         if getattr(exc, "status", None) != _CUDA_ERROR_INVALID_CONTEXT:
             raise
         cupy.cuda.runtime.free(0)
-        driver.launchKernel(*args)
+        driver.launchKernel(*launch_args)
 
 
 _CUDA_ERROR_INVALID_CONTEXT = 201
-
-
 _launch_buffers = threading.local()
 
 
