@@ -142,7 +142,8 @@ def launch(function, blocks: int, threads: int, args, shared_mem: int = 0) -> No
         pointers = (ctypes.c_void_p * max(1, len(sizes)))(*[base + o for o in offsets])
         layout = buffers[sizes] = (values, pointers, base, ctypes.addressof(pointers))
     _, _, base, params = layout
-    ctypes.memmove(base, b"".join(blobs), sum(sizes))
+    joined = b"".join(blobs)
+    ctypes.memmove(base, joined, len(joined))
     launch_args = (_function_ptr(function), blocks, 1, 1, threads, 1, 1, shared_mem,
                    cupy.cuda.get_current_stream().ptr, params, 0)
     try:

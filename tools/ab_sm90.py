@@ -32,6 +32,8 @@ import numpy as np
 import cupy
 
 sys.path.insert(0, ".")
+sys.path.insert(0, "bench")
+import _common as bench_timer  # noqa: E402  (bench/_common.py: AB_BURST times with the bench's timer)
 import cupyattn  # noqa: E402
 from cupyattn import _flash_sm90  # noqa: E402
 from cupyattn._problem import normalize  # noqa: E402
@@ -93,24 +95,19 @@ DEFAULT_ROWS = ("64:1024:128x4x3,128:1024:128x2,64:4096:128x4x3,128:4096:128x2,2
                 "128:4096/16384:176x2,256:4096/16384:64x2")
 ROUNDS = int(os.environ.get("AB_ROUNDS", "7"))
 # AB_BURST=N: time like bench/attention.py instead of under sustained load: N launches a variant a
-# round, each between its own pair of events (median), the card synchronised and left idle for
-# AB_PAUSE_MS between variants. The sustained A/B runs the card hotter and its clocks lower
-# (1.66 GHz under ncu against up to 1.98), which moves the weight of memory latency against math.
+# round through the bench's timer (each between its own pair of events, median), the card
+# synchronised and left idle for AB_PAUSE_MS between variants. The sustained A/B runs the card
+# hotter and its clocks lower (1.66 GHz under ncu against up to 1.98), which moves the weight of
+# memory latency against math.
 BURST = int(os.environ.get("AB_BURST", "0"))
 PAUSE_S = float(os.environ.get("AB_PAUSE_MS", "5")) / 1000
 
 
 def time_ms(f, reps=8):
-    if BURST:
+    if BURST:   # the bench's own timer, after a pause with the card idle
         cupy.cuda.Device().synchronize()
         time.sleep(PAUSE_S)
-        events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(BURST)]
-        for s, e in events:
-            s.record()
-            f()
-            e.record()
-        events[-1][1].synchronize()
-        return float(np.median([cupy.cuda.get_elapsed_time(s, e) for s, e in events]))
+        return bench_timer.time_calls([f], "cupy", reps=BURST, min_reps=BURST, warmup=0, budget_s=1e9)["ms"]
     s, e = cupy.cuda.Event(), cupy.cuda.Event()
     s.record()
     for _ in range(reps):
