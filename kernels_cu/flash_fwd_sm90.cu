@@ -61,8 +61,10 @@ struct Roles {
     static_assert(CONSUMERS == 2 || CONSUMERS == 3, "2 or 3 consumer warpgroups");
     static constexpr int kBlockM = 64 * CONSUMERS;          // query rows per block
     static constexpr int kThreads = 128 * (CONSUMERS + 1);  // producer warpgroup + consumers
-    static constexpr int kProducerRegs = CONSUMERS == 2 ? 40 : 32;
-    static constexpr int kConsumerRegs = CONSUMERS == 2 ? 232 : 160;
+    // WIP: 24 / 240 with two consumers, so that D=256 can hold BN=80 (as FlashAttention-3 runs
+    // hdim 256); the producer still spills 4-12 bytes at 24 (one temporary in the TMA issue)
+    static constexpr int kProducerRegs = CONSUMERS == 2 ? 24 : 32;
+    static constexpr int kConsumerRegs = CONSUMERS == 2 ? 240 : 160;
     static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0, "setmaxnreg takes multiples of 8");
     static_assert(kProducerRegs >= 24 && kConsumerRegs <= 256, "setmaxnreg range");
     static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * CONSUMERS <= 65536, "register file");
@@ -297,7 +299,11 @@ __device__ __forceinline__ int next_tile(int tile, int drawn, int* sched, int nu
     const int next = static_cast<int>(gridDim.x) + drawn;
     if (next >= num_tiles) {
         __threadfence();   // this block's last draw lands before its count-out
-        if (atomicAdd(sched + 1, 1) == static_cast<int>(gridDim.x) - 1) {
+        // the count's address formed here: hoisted out of the producer's loop, it took two of
+        // the producer's registers (spilled at 24)
+        int* count = sched;
+        asm volatile("" : "+l"(count));
+        if (atomicAdd(count + 1, 1) == static_cast<int>(gridDim.x) - 1) {
             __threadfence();
             sched[0] = 0;   // every block has drawn its last: nobody touches the counters again
             sched[1] = 0;
@@ -326,12 +332,15 @@ __device__ __forceinline__ TileInfo decode_tile(int tile, int Lq, int Lk, int Hq
     t.b0 = bb / nb1;
     t.hk = t.h / group;
     t.row0 = t.m_block * BLOCK_M;
-    long long k_end = Lk;
+    // int32 throughout: Lq, Lk < 2^31 - 1024 (the host checks), so row0 + BLOCK_M <= Lq + 191,
+    // (last_row_end - Lq) + Lk lies in (-2^31, Lk] and k_end + BN - 1 < 2^31. In 64 bits the
+    // difference Lk - Lq took two registers across the producer's loop (it spilled at 24 registers).
+    int k_end = Lk;
     if (causal) {
-        const long long last_row_end = min(static_cast<long long>(t.row0) + BLOCK_M, static_cast<long long>(Lq));
-        k_end = min(k_end, last_row_end + Lk - Lq);
+        const int last_row_end = min(t.row0 + BLOCK_M, Lq);
+        k_end = min(k_end, (last_row_end - Lq) + Lk);
     }
-    t.n_tiles = k_end > 0 ? static_cast<int>((k_end + BN - 1) / BN) : 0;
+    t.n_tiles = k_end > 0 ? (k_end + BN - 1) / BN : 0;
     return t;
 }
 
@@ -472,12 +481,16 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                 if (tile >= num_tiles) break;
                 const int drawn = draw_tile(sched);   // in flight while this tile's loads go out
                 const TileInfo t = decode_tile<BN, R::kBlockM>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
-                const int kh = (bcast & 8) ? 0 : t.hk, kb1 = (bcast & 16) ? 0 : t.b1, kb0 = (bcast & 32) ? 0 : t.b0;
-                const int vh = (bcast & 64) ? 0 : t.hk, vb1 = (bcast & 128) ? 0 : t.b1, vb0 = (bcast & 256) ? 0 : t.b0;
 #pragma unroll 1
                 for (int it = 0; it < t.n_tiles; ++it) {
                     const int s = pos.stage;
                     const int key0 = (t.n_tiles - 1 - it) * BN;
+                    // K's and V's coordinates picked here from the tile's three: hoisted out of the
+                    // loop they took six registers, and the producer has 24
+                    int hk = t.hk, b1 = t.b1, b0 = t.b0;
+                    asm volatile("" : "+r"(hk), "+r"(b1), "+r"(b0));
+                    const int kh = (bcast & 8) ? 0 : hk, kb1 = (bcast & 16) ? 0 : b1, kb0 = (bcast & 32) ? 0 : b0;
+                    const int vh = (bcast & 64) ? 0 : hk, vb1 = (bcast & 128) ? 0 : b1, vb0 = (bcast & 256) ? 0 : b0;
                     mbar_wait(bar_empty_k(s), pos.phase ^ 1u);
                     mbar_arrive_expect_tx(bar_full_k(s), P::kKV);
 #pragma unroll
