@@ -51,7 +51,7 @@ namespace sm90 {
 // The block's shape for CONSUMERS consumer warpgroups (2 or 3) of 64 query rows each, plus the
 // producer warpgroup. setmaxnreg moves registers from the producer to the consumers; the budget
 // is the 64K-register file of one SM (one block per SM):
-//   2 consumers: 40*128 + 232*256 = 64512 = 168*384 (the entry budget at 384 threads);
+//   2 consumers: 24*128 + 240*256 = 64512 = 168*384 (the entry budget at 384 threads; WIP, was 40 / 232);
 //   3 consumers: 32*128 + 160*384 = 65536 = 128*512, the whole file (the entry budget at 512
 //                threads). D=64 only: O, S and P of a 64 x BN tile need 32 + BN/2 + BN/4 registers
 //                of the 160, 128 at BN=128 (BN=192 spills). The producer spilled 24 bytes at 24
@@ -62,7 +62,8 @@ struct Roles {
     static constexpr int kBlockM = 64 * CONSUMERS;          // query rows per block
     static constexpr int kThreads = 128 * (CONSUMERS + 1);  // producer warpgroup + consumers
     // WIP: 24 / 240 with two consumers, so that D=256 can hold BN=80 (as FlashAttention-3 runs
-    // hdim 256); the producer still spills 4-12 bytes at 24 (one temporary in the TMA issue)
+    // hdim 256); the producer fits 24 with its ring position as one count and a down-count of
+    // key tiles (every sm_90a instantiation and D=256 80x2 compile without spills)
     static constexpr int kProducerRegs = CONSUMERS == 2 ? 24 : 32;
     static constexpr int kConsumerRegs = CONSUMERS == 2 ? 240 : 160;
     static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0, "setmaxnreg takes multiples of 8");
@@ -473,7 +474,9 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
             // all tiles of this block.
             tma_prefetch_map(&tm_k);
             tma_prefetch_map(&tm_v);
-            RingPos pos;
+            // ring position as one count of key tiles issued (stage = count % STAGES, phase =
+            // (count / STAGES) & 1) and the key tiles left as one down-count: a register each
+            unsigned issued = 0;
             unsigned queued = 0;
 #pragma unroll 1
             for (int tile = blockIdx.x;;) {
@@ -482,26 +485,26 @@ __device__ __forceinline__ void pingpong_body(const TmaMap& tm_q, const TmaMap& 
                 const int drawn = draw_tile(sched);   // in flight while this tile's loads go out
                 const TileInfo t = decode_tile<BN, R::kBlockM>(tile, Lq, Lk, Hq, group, nb1, num_m_blocks, num_bh, swz_bh, causal);
 #pragma unroll 1
-                for (int it = 0; it < t.n_tiles; ++it) {
-                    const int s = pos.stage;
-                    const int key0 = (t.n_tiles - 1 - it) * BN;
+                for (int left = t.n_tiles; left > 0; --left, ++issued) {
+                    const int s = static_cast<int>(issued % STAGES);
+                    const unsigned phase = (issued / STAGES) & 1u;
+                    const int key0 = (left - 1) * BN;
                     // K's and V's coordinates picked here from the tile's three: hoisted out of the
                     // loop they took six registers, and the producer has 24
                     int hk = t.hk, b1 = t.b1, b0 = t.b0;
                     asm volatile("" : "+r"(hk), "+r"(b1), "+r"(b0));
                     const int kh = (bcast & 8) ? 0 : hk, kb1 = (bcast & 16) ? 0 : b1, kb0 = (bcast & 32) ? 0 : b0;
                     const int vh = (bcast & 64) ? 0 : hk, vb1 = (bcast & 128) ? 0 : b1, vb0 = (bcast & 256) ? 0 : b0;
-                    mbar_wait(bar_empty_k(s), pos.phase ^ 1u);
+                    mbar_wait(bar_empty_k(s), phase ^ 1u);
                     mbar_arrive_expect_tx(bar_full_k(s), P::kKV);
 #pragma unroll
                     for (int c = 0; c < static_cast<int>(P::kChunks); ++c)
                         tma_load_5d(sK + s * P::kKV + c * (BN * 128u), &tm_k, bar_full_k(s), c * 64, key0, kh, kb1, kb0);
-                    mbar_wait(bar_empty_v(s), pos.phase ^ 1u);
+                    mbar_wait(bar_empty_v(s), phase ^ 1u);
                     mbar_arrive_expect_tx(bar_full_v(s), P::kKV);
 #pragma unroll
                     for (int c = 0; c < static_cast<int>(P::kChunks); ++c)
                         tma_load_5d(sV + s * P::kKV + c * (BN * 128u), &tm_v, bar_full_v(s), c * 64, key0, vh, vb1, vb0);
-                    pos.advance<STAGES>();
                 }
                 tile = next_tile(tile, drawn, sched, num_tiles);
             }
