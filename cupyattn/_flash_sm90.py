@@ -41,13 +41,20 @@ THREADS = 128 * (DEFAULT_CONSUMERS + 1)     # producer warpgroup + two consumer 
 # the tensor cores waiting (tools/ab_sm90.py on an H200, 2026-11-28, interleaved, TFLOP/s with
 # (128,4,3) against two consumers' best config: L=4k 462 vs 408 full, 397 vs 373 causal; L=16k
 # 526 vs 445 full, 488 vs 432 causal; cuDNN 432 / 397 / 444 / 429).
-CONFIGS = {64: (128, 4, 3), 128: (128, 2), 256: (64, 2)}
+# D=256 runs BN=80 (FlashAttention-3's hdim-256 tile is 128 x 80): it fits once the consumers get
+# 240 registers (sm90::Roles), and two stages of 80-key K and V tiles plus Q fill 224 KB of shared
+# memory. Same tool, H200, 2026-11-28, bursts / sustained, TFLOP/s BN=80 vs BN=64: L=4k full
+# 737 / 660 vs 710 / 619, causal 645 / 592 vs 620 / 554; L=16k full 767 / 708 vs 721 / 658,
+# causal 749 / 680 vs 717 / 624; L=1k full 623 / 584 vs 599 / 552, causal 465 / 438 vs 462 / 431
+# (cuDNN 732 / 625, 606 / 529, 689 / 636, 648 / 537, 642 / 585, 469 / 445).
+CONFIGS = {64: (128, 4, 3), 128: (128, 2), 256: (80, 2)}
 HEAD_DIMS = tuple(sorted(CONFIGS))
 # Long key ranges (Lk >= LONG_KEYS) take wider key tiles: fewer online-softmax rescales and
 # barrier rounds per key, which pays once a row has many tiles to walk and costs at short ones
 # (tools/tune_sm90.py on an H200, 2026-11-28, same run: D=128 BN=176 vs 128 at L=16k +3% full,
-# +15% causal, -4% at L=1k; D=256 BN=80 spills). D=64 has none: with three consumers BN=192 does
-# not fit 160 registers, and (128,4,3) beats two consumers' (192,3) at L=16k by 14-18%.
+# +15% causal, -4% at L=1k). D=256 has none: BN=96 does not fit shared memory. D=64 has none: with
+# three consumers BN=192 does not fit 160 registers, and (128,4,3) beats two consumers' (192,3) at
+# L=16k by 14-18%.
 LONG_CONFIGS = {128: (176, 2)}
 LONG_KEYS = 8192
 # Full (non-causal) rows with Lk >= MEDIUM_KEYS at D=128 choose between BN=160, the widest tile
