@@ -61,6 +61,12 @@ TORCH_BACKENDS = {            # our label -> torch.nn.attention.SDPBackend membe
     "torch-cudnn": "CUDNN_ATTENTION",
     "torch-math": "MATH",
 }
+# Our backends with a kernel switched off, timed as rows of their own only when named in --backend:
+# label -> (our backend, module switches set to False for its calls). flash-sm80 runs the mma.sync
+# kernels on a Hopper card too, so that the Hopper kernels' gain over them is measured in one run.
+OUR_VARIANTS = {
+    "flash-sm80": ("flash", (("_flash", "HOPPER_KERNEL"), ("_flash_bwd_sm90", "HOPPER_BACKWARD"))),
+}
 SHORT = {"torch-flash": "t.flash", "torch-efficient": "t.eff", "torch-cudnn": "t.cudnn", "torch-math": "t.math"}
 FLAG_REL_ERR = 0.05           # a relative error above this is certainly a bug: flagged in the note
 
@@ -198,15 +204,17 @@ def filter_cases(cases, args):
 
 
 def select_impls(ours, torch_names, wanted):
-    """Backends to run: our registered ones, then torch's; `wanted` may name them or say ours/torch."""
+    """Backends to run: our registered ones, then torch's; `wanted` may name them or say ours/torch.
+    OUR_VARIANTS of a backend we have run only where `wanted` names them."""
     impls = list(ours) + list(torch_names)
     if not wanted:
         return impls
+    variants = [v for v, (base, _) in OUR_VARIANTS.items() if base in ours]
     out = []
-    for name in impls:
+    for name in list(ours) + variants + list(torch_names):
         if name in wanted or (name in ours and "ours" in wanted) or (name in torch_names and "torch" in wanted):
             out.append(name)
-    unknown = wanted - set(impls) - {"ours", "torch"}
+    unknown = wanted - set(impls) - set(variants) - {"ours", "torch"}
     if unknown:
         print(f"note: unknown or unavailable backend(s) ignored: {', '.join(sorted(unknown))} "
               f"(known: {', '.join(impls)})", file=sys.stderr)
@@ -296,31 +304,50 @@ def reference(case, inp):
 # ----------------------------------------------------------------------------------------------
 # Calls for each implementation: one zero-argument callable per input set, returning a dict
 
-def ours_reasons(cupyattn, case, name, inp):
-    """Why our backend `name` cannot run this case (empty list: it can)."""
+@contextlib.contextmanager
+def _switched(cupyattn, label):
+    """Our backend for `label` (its OUR_VARIANTS switches off while inside)."""
+    base, switches = OUR_VARIANTS.get(label, (label, ()))
+    modules = [(importlib.import_module(f"cupyattn.{m}"), attr) for m, attr in switches]
+    saved = [getattr(m, attr) for m, attr in modules]
+    for m, attr in modules:
+        setattr(m, attr, False)
+    try:
+        yield base
+    finally:
+        for (m, attr), value in zip(modules, saved):
+            setattr(m, attr, value)
+
+
+def ours_reasons(cupyattn, case, label, inp):
+    """Why our backend `label` cannot run this case (empty list: it can)."""
     why = []
     directions = ("forward", "backward") if case.op == "fwdbwd" else ("forward",)
-    for direction in directions:
-        ex = cupyattn.explain(inp.q, inp.k, inp.v, causal=case.causal, backend=name, direction=direction)
-        if ex.backend is None:
-            text = "; ".join(ex.why_not.get(name) or ["cannot run"])
-            why.append(text if len(directions) == 1 else f"{direction}: {text}")
+    with _switched(cupyattn, label) as name:
+        for direction in directions:
+            ex = cupyattn.explain(inp.q, inp.k, inp.v, causal=case.causal, backend=name, direction=direction)
+            if ex.backend is None:
+                text = "; ".join(ex.why_not.get(name) or ["cannot run"])
+                why.append(text if len(directions) == 1 else f"{direction}: {text}")
     return why
 
 
-def ours_calls(cupyattn, case, name, sets):
+def ours_calls(cupyattn, case, label, sets):
     causal = case.causal
+    name = OUR_VARIANTS.get(label, (label,))[0]
 
     def make(inp):
-        if case.op == "fwd":
-            return lambda: {"out": cupyattn.attention(inp.q, inp.k, inp.v, causal=causal, backend=name)}
+        def fwd():
+            with _switched(cupyattn, label):
+                return {"out": cupyattn.attention(inp.q, inp.k, inp.v, causal=causal, backend=name)}
 
         def fwdbwd():
-            out, lse = cupyattn.attention(inp.q, inp.k, inp.v, causal=causal, backend=name, return_lse=True)
-            dq, dk, dv = cupyattn.attention_backward(inp.dout, inp.q, inp.k, inp.v, out, lse, causal=causal,
-                                                     backend=name)
+            with _switched(cupyattn, label):
+                out, lse = cupyattn.attention(inp.q, inp.k, inp.v, causal=causal, backend=name, return_lse=True)
+                dq, dk, dv = cupyattn.attention_backward(inp.dout, inp.q, inp.k, inp.v, out, lse, causal=causal,
+                                                         backend=name)
             return {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
-        return fwdbwd
+        return fwd if case.op == "fwd" else fwdbwd
     return [make(inp) for inp in sets]
 
 
