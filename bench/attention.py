@@ -7,8 +7,9 @@
     python bench/attention.py --quick --dry-run  # list the rows without running them
 
 Each case first checks every backend (result, first-call time, peak memory), then times them
-in --rounds interleaved rounds (3 on a GPU): each round times every backend once, in turn, with
-its share of --budget, and a row's ms is the median of its rounds' medians. A GPU's clocks drift
+in --rounds interleaved rounds (3 on a GPU): each round times every backend once, in turn (the
+order rotating by round, each turn after an idle --pause), with its share of --budget, and a
+row's ms is the median of its rounds' medians. A GPU's clocks drift
 during a run; timed in turn, all backends of a case see the same drift and their ratios hold
 (timed one after the other, the ratio to torch's cuDNN moved by up to ±5% between runs on an H200).
 
@@ -442,13 +443,19 @@ class Runner:
             else:
                 ready.append(timer)
         # Phase 2: the rounds. Each round times every backend once, in turn, so a drift of the GPU's
-        # clocks over the case shifts all backends alike and their ratios hold.
+        # clocks over the case shifts all backends alike and their ratios hold. A card at its power
+        # cap lowers its clocks after a heavy burst and takes a while to raise them again, so each
+        # backend's turn starts after an idle --pause, and the turns rotate by round: no backend
+        # always follows the same one (H200, D=128 L=16k full, no pause, fixed order: our rounds
+        # 3.06 ms in the first, 3.37-3.47 ms in the rest, each right after cuDNN's).
         n_rounds = self.args.rounds
         for i in range(n_rounds):
-            for timer in ready:
+            for timer in ready[i % len(ready):] + ready[:i % len(ready)]:
                 row = timer.row
                 if row["status"] != "ok":
                     continue
+                if self.args.pause > 0:
+                    time.sleep(self.args.pause)
                 try:
                     timer.time_round(self.args.budget / n_rounds)
                 except Exception as e:  # noqa: BLE001 - a failing round must not end the sweep
@@ -682,6 +689,8 @@ def _timing_text(meta):
         parts.append(f"in {meta['rounds']} interleaved rounds" if meta["rounds"] > 1 else "in 1 round")
     if meta.get("warmup") is not None:
         parts.append(f"warmup {meta['warmup']}")
+    if meta.get("pause_s"):
+        parts.append(f"pause {meta['pause_s']:g} s before each turn")
     return ", ".join(parts)
 
 
@@ -844,6 +853,10 @@ def parse_args(argv=None):
                         "budget/R per round, so that clock drift hits them alike; ms = median of the "
                         "rounds' medians (default 3 on a GPU, 1 on the CPU path; 1: each backend timed "
                         "in one block)")
+    p.add_argument("--pause", type=float, default=None, metavar="S",
+                   help="seconds the GPU idles before each backend's turn in a round, so that every "
+                        "turn starts from the same clock and power state (default 0.1 on a GPU, 0 on "
+                        "the CPU path)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="BLAS threads for the NumPy path and the float64 reference (default: the "
@@ -889,6 +902,8 @@ def main(argv=None):
         args.budget = (0.3 if args.quick else 1.0) if plan_gpu else (0.15 if args.quick else 0.5)
     if args.rounds is None:               # GPU clocks drift within a case; a CPU run is a smoke test
         args.rounds = 3 if plan_gpu else 1
+    if args.pause is None:
+        args.pause = 0.1 if plan_gpu else 0.0
     if args.rounds < 1:
         print("--rounds must be at least 1", file=sys.stderr)
         return 2
@@ -917,7 +932,7 @@ def main(argv=None):
         print(f"{platform}, preset {preset}: {len(cases)} cases x {len(impls)} backends = "
               f"{len(cases) * len(impls)} rows; backends: {', '.join(impls)}"
               + ("" if torch is not None or not plan_gpu else f" (no torch rows: {why_no_torch})"))
-        timing = {"budget_s": args.budget, "rounds": args.rounds, "warmup": args.warmup}
+        timing = {"budget_s": args.budget, "rounds": args.rounds, "warmup": args.warmup, "pause_s": args.pause}
         print(f"timing: {_timing_text(timing)}")
         for c in cases:
             print(f"  {c.label():58s} {c.flops / 1e9:10.1f} GFLOP  inputs {c.input_bytes / 2**20:8.1f} MiB")
@@ -928,7 +943,7 @@ def main(argv=None):
     xp = cupy if cupy is not None else np
     meta = C.environment(cupy, torch)
     meta.update(preset=preset, backends=impls, blas_threads=os.environ.get("OPENBLAS_NUM_THREADS"),
-                budget_s=args.budget, rounds=args.rounds, warmup=args.warmup, seed=args.seed,
+                budget_s=args.budget, rounds=args.rounds, warmup=args.warmup, pause_s=args.pause, seed=args.seed,
                 notes=["torch's is_causal is top-left aligned, ours bottom-right: identical in these rows "
                        "because every causal row has Lq == Lk (decode rows are non-causal)",
                        "flops: forward 4*B*Hq*Lq*Lk*D, halved for causal; fwdbwd counts 3.5x forward",
