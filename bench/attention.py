@@ -137,6 +137,10 @@ def gpu_cases(preset):
             for op in ops:
                 cases.append(headline(L, D, causal, op))
     if preset == "full":
+        for L, D in grid:                    # the headline grid in float16 (the Hopper issue's rows)
+            for causal in (False, True):
+                for op in ops:
+                    cases.append(headline(L, D, causal, op, dtype="float16", group="dtypes"))
         for L in (1024, 4096, 16384):
             for causal in (False, True):
                 for op in ops:
