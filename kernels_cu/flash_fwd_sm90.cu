@@ -51,19 +51,18 @@ namespace sm90 {
 // The block's shape for CONSUMERS consumer warpgroups (2 or 3) of 64 query rows each, plus the
 // producer warpgroup. setmaxnreg moves registers from the producer to the consumers; the budget
 // is the 64K-register file of one SM (one block per SM):
-//   2 consumers: 24*128 + 240*256 = 64512 = 168*384 (the entry budget at 384 threads; WIP, was 40 / 232);
+//   2 consumers: 24*128 + 240*256 = 64512 = 168*384 (the entry budget at 384 threads). 240 lets
+//                D=256 hold BN=80 (at 232 its consumers spilled 68 bytes); the producer fits 24
+//                with its ring position as one count and a down-count of key tiles;
 //   3 consumers: 32*128 + 160*384 = 65536 = 128*512, the whole file (the entry budget at 512
 //                threads). D=64 only: O, S and P of a 64 x BN tile need 32 + BN/2 + BN/4 registers
-//                of the 160, 128 at BN=128 (BN=192 spills). The producer spilled 24 bytes at 24
-//                registers (its tile decoding and six TMA coordinates), so it keeps 32.
+//                of the 160, 128 at BN=128 (BN=192 spills). The producer keeps 32: it fits in
+//                24, but the next step for the consumers, 168, would not fit the file.
 template <int CONSUMERS>
 struct Roles {
     static_assert(CONSUMERS == 2 || CONSUMERS == 3, "2 or 3 consumer warpgroups");
     static constexpr int kBlockM = 64 * CONSUMERS;          // query rows per block
     static constexpr int kThreads = 128 * (CONSUMERS + 1);  // producer warpgroup + consumers
-    // WIP: 24 / 240 with two consumers, so that D=256 can hold BN=80 (as FlashAttention-3 runs
-    // hdim 256); the producer fits 24 with its ring position as one count and a down-count of
-    // key tiles (every sm_90a instantiation and D=256 80x2 compile without spills)
     static constexpr int kProducerRegs = CONSUMERS == 2 ? 24 : 32;
     static constexpr int kConsumerRegs = CONSUMERS == 2 ? 240 : 160;
     static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0, "setmaxnreg takes multiples of 8");
