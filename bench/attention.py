@@ -9,9 +9,9 @@
 Each case first checks every backend (result, first-call time, peak memory), then times them
 in --rounds interleaved rounds (3 on a GPU): each round times every backend once, in turn (the
 order rotating by round, each turn after an idle --pause), with its share of --budget, and a
-row's ms is the median of its rounds' medians. A GPU's clocks drift
-during a run; timed in turn, all backends of a case see the same drift and their ratios hold
-(timed one after the other, the ratio to torch's cuDNN moved by up to ±5% between runs on an H200).
+row's ms is the median of its rounds' medians. A GPU's clocks drift during a run; timed in turn,
+all backends of a case see the same drift and their ratios hold (timed one after the other, the
+ratio to torch's cuDNN moved by up to ±5% between runs on an H200).
 
 On a machine without a usable CUDA GPU it runs the NumPy path on small sizes, labelled
 "CPU (NumPy)". See bench/README.md for what each column means.
@@ -313,7 +313,7 @@ def reference(case, inp):
 def _switched(cupyattn, label):
     """Our backend for `label` (its OUR_VARIANTS switches off while inside)."""
     base, switches = OUR_VARIANTS.get(label, (label, ()))
-    modules = [(importlib.import_module(f"cupyattn.{m}"), attr) for m, attr in switches]
+    modules = [(importlib.import_module(f"{cupyattn.__name__}.{m}"), attr) for m, attr in switches]
     saved = [getattr(m, attr) for m, attr in modules]
     for m, attr in modules:
         setattr(m, attr, False)
