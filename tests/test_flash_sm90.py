@@ -353,10 +353,11 @@ def test_config_geometry_cpu():
     # with two consumers, where it fits, an O staging buffer the size of Q (the deferred tile end)
     assert f.defers_tile_end(64, (128, 4, 2)) and not f.defers_tile_end(64, (128, 4, 3))
     assert f.defers_tile_end(128, (128, 2)) and not f.defers_tile_end(128, (176, 2))
-    assert not f.defers_tile_end(256, (64, 2))
+    assert not f.defers_tile_end(256, (64, 2)) and not f.defers_tile_end(256, f.CONFIGS[256])
     assert f.smem_bytes(64, (128, 4, 2)) == 2 * 128 * 64 * 2 + 2 * 4 * 128 * 64 * 2 + 8 * (4 + 16) + 80 + 1024
     assert f.smem_bytes(64, (128, 4, 3)) == 192 * 64 * 2 + 2 * 4 * 128 * 64 * 2 + 8 * (6 + 16) + 80 + 1024
     assert f.smem_bytes(128, (176, 2)) == 128 * 128 * 2 + 2 * 2 * 176 * 128 * 2 + 8 * (4 + 8) + 80 + 1024
+    assert f.smem_bytes(256, (80, 2)) == 128 * 256 * 2 + 2 * 2 * 80 * 256 * 2 + 8 * (4 + 8) + 80 + 1024
     assert f.smem_bytes(64, (128, 4)) == f.smem_bytes(64, (128, 4, 2))
     assert f.smem_bytes(64) == f.smem_bytes(64, f.CONFIGS[64])    # the default config
 
